@@ -1,0 +1,142 @@
+//! thinpool-io: the devices under the pool.
+//!
+//! The lowest layer of thinpool (see `../shared/docs/design.md`): it knows bytes and offsets and
+//! nothing about metadata. [`BlockDevice`] is the one trait every layer above reads and writes
+//! through; [`FileDevice`] backs it with a regular (usually sparse) file or a block device.
+//! With the `test-util` feature, [`MemDevice`] keeps a device in memory and [`FaultyDevice`]
+//! simulates a crash: it remembers what was written since the last `sync` and can drop or tear
+//! any part of it.
+//!
+//! ```
+//! use thinpool_io::{BlockDevice, FileDevice};
+//! let dir = std::env::temp_dir().join(format!("thinpool-io-doc-{}", std::process::id()));
+//! let dev = FileDevice::create(&dir, 1 << 20).unwrap();
+//! dev.write_at(b"hello", 4096).unwrap();
+//! let mut buf = [0u8; 5];
+//! dev.read_at(&mut buf, 4096).unwrap();
+//! assert_eq!(&buf, b"hello");
+//! std::fs::remove_file(&dir).unwrap();
+//! ```
+
+mod file;
+#[cfg(feature = "test-util")]
+mod mem;
+
+pub use file::FileDevice;
+#[cfg(feature = "test-util")]
+pub use mem::{CrashMode, FaultyDevice, MemDevice};
+
+use std::sync::Arc;
+
+/// Errors of device I/O. Each names the device, the operation and the offset.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O call failed.
+    #[error("{op} of {device} at byte {offset} ({len} bytes) failed")]
+    Io {
+        /// Name of the device (its path).
+        device: String,
+        /// What was being done: "read", "write", "sync", "punch hole", "resize".
+        op: &'static str,
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A read or write went past the end of the device.
+    #[error("{op} of {device} at byte {offset} ({len} bytes) is past its end ({size} bytes)")]
+    OutOfRange {
+        /// Name of the device.
+        device: String,
+        /// "read" or "write".
+        op: &'static str,
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Size of the device in bytes.
+        size: u64,
+    },
+    /// A fault-injecting device was told to fail from now on.
+    #[error("injected failure on {device}: {op} at byte {offset}")]
+    Injected {
+        /// Name of the device.
+        device: String,
+        /// The failed operation.
+        op: &'static str,
+        /// Byte offset of the request.
+        offset: u64,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A device addressed by byte offsets: a file, a block device, or a test device.
+///
+/// Contract: `write_at` may be buffered; only after `sync` returns are the writes durable.
+/// Methods take `&self` and are safe to call from several threads at once (positional I/O).
+pub trait BlockDevice: Send + Sync {
+    /// A name for messages (the path for files).
+    fn name(&self) -> &str;
+    /// Current size in bytes.
+    fn size(&self) -> Result<u64>;
+    /// Fill `buf` from `offset`. Reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Write `buf` at `offset`. Writing past the end is an error (grow with `set_size`).
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Make every completed write durable.
+    fn sync(&self) -> Result<()>;
+    /// Grow (or shrink) a file-backed device. Block devices refuse.
+    fn set_size(&self, size: u64) -> Result<()>;
+    /// Deallocate a range (sparse files: punch a hole); reads of it return zeros afterwards.
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn size(&self) -> Result<u64> {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> Result<()> {
+        (**self).sync()
+    }
+    fn set_size(&self, size: u64) -> Result<()> {
+        (**self).set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+}
+
+pub(crate) fn check_range(
+    device: &str,
+    op: &'static str,
+    offset: u64,
+    len: usize,
+    size: u64,
+) -> Result<()> {
+    let len = len as u64;
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            device: device.to_string(),
+            op,
+            offset,
+            len,
+            size,
+        }),
+    }
+}
