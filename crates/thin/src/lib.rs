@@ -1,2 +1,5 @@
 //! stub
 pub mod ir;
+pub mod json;
+pub mod size;
+pub mod xml;
