@@ -2,4 +2,5 @@
 pub mod ir;
 pub mod json;
 pub mod size;
+pub mod superblock;
 pub mod xml;
