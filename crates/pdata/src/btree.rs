@@ -13,7 +13,8 @@
 
 use crate::block::{BLOCK_SIZE, Block, BlockKind, MetaBlock};
 use crate::node::{INTERNAL_NODE, NodeMut, NodeRef, append_entries};
-use crate::transaction::Transaction;
+use crate::transaction::{BlockReader, Transaction};
+use std::sync::Arc;
 use crate::{Error, Result};
 
 /// How values of a tree hold references.
@@ -54,8 +55,7 @@ impl ValueOps for SubtreeValue<'_> {
         8
     }
     fn inc(&self, tx: &mut Transaction, v: &[u8]) -> Result<()> {
-        tx.inc_meta(le(v));
-        Ok(())
+        tx.inc_meta(le(v))
     }
     fn dec(&self, tx: &mut Transaction, v: &[u8]) -> Result<()> {
         delete_tree(tx, le(v), self.0)
@@ -80,9 +80,34 @@ fn bad_tree(block: u64, message: String) -> Error {
     }
 }
 
+/// Anything that can read validated B-tree nodes: the transaction, or a read-only reader.
+pub trait NodeSource {
+    /// Read node `b`, checking checksum, block number and shape (leaf value size).
+    fn read_node(&mut self, b: u64, value_size: usize) -> Result<Arc<Block>>;
+}
+
+impl NodeSource for Transaction {
+    fn read_node(&mut self, b: u64, value_size: usize) -> Result<Arc<Block>> {
+        Transaction::read_node(self, b, value_size)
+    }
+}
+
+impl NodeSource for BlockReader {
+    fn read_node(&mut self, b: u64, value_size: usize) -> Result<Arc<Block>> {
+        let blk = self.read(b, BlockKind::Node)?;
+        NodeRef(&blk[..])
+            .check_shape(Some(value_size))
+            .map_err(|fault| Error::Node {
+                block: MetaBlock(b),
+                fault,
+            })?;
+        Ok(blk)
+    }
+}
+
 /// Look up `key`; returns a copy of its value.
 pub fn lookup(
-    tx: &mut Transaction,
+    tx: &mut dyn NodeSource,
     root: u64,
     key: u64,
     value_size: usize,
@@ -103,13 +128,13 @@ pub fn lookup(
 }
 
 /// Look up a `u64` value.
-pub fn lookup_u64(tx: &mut Transaction, root: u64, key: u64) -> Result<Option<u64>> {
+pub fn lookup_u64(tx: &mut dyn NodeSource, root: u64, key: u64) -> Result<Option<u64>> {
     Ok(lookup(tx, root, key, 8)?.map(|v| le(&v)))
 }
 
 /// Visit every `(key, value)` in key order; the visitor returns `false` to stop.
 pub fn walk(
-    tx: &mut Transaction,
+    tx: &mut dyn NodeSource,
     root: u64,
     value_size: usize,
     f: &mut dyn FnMut(u64, &[u8]) -> Result<bool>,
@@ -119,7 +144,7 @@ pub fn walk(
 
 /// Visit every `(key, value)` with `key >= start` in key order; returns `false` if stopped.
 pub fn walk_from(
-    tx: &mut Transaction,
+    tx: &mut dyn NodeSource,
     root: u64,
     start: u64,
     value_size: usize,
@@ -129,7 +154,7 @@ pub fn walk_from(
 }
 
 fn walk_rec(
-    tx: &mut Transaction,
+    tx: &mut dyn NodeSource,
     b: u64,
     start: u64,
     value_size: usize,
@@ -170,7 +195,7 @@ fn shadow_node(tx: &mut Transaction, b: u64, ops: &dyn ValueOps) -> Result<u64> 
             }
         } else {
             for i in 0..n.nr_entries() {
-                tx.inc_meta(n.value_u64(i));
+                tx.inc_meta(n.value_u64(i))?;
             }
         }
     }
@@ -324,7 +349,7 @@ pub fn remove(
         }
         let child = n.value_u64(0);
         let cblk = tx.read_node(child, ops.value_size())?;
-        if tx.meta_count(child) > 1 {
+        if tx.meta_count(child)? > 1 {
             // Shared child: copy it and take its references, then drop ours.
             *tx.write(root)? = *cblk;
             let n = NodeRef(&cblk[..]);
@@ -332,13 +357,13 @@ pub fn remove(
                 if n.is_leaf() {
                     ops.inc(tx, n.value(i))?;
                 } else {
-                    tx.inc_meta(n.value_u64(i));
+                    tx.inc_meta(n.value_u64(i))?;
                 }
             }
         } else {
             *tx.write(root)? = *cblk;
         }
-        tx.dec_meta(child);
+        tx.dec_meta(child)?;
     }
     if let Some(v) = &old {
         ops.dec(tx, v)?;
@@ -400,7 +425,7 @@ fn rebalance(tx: &mut Transaction, parent: u64, i: usize, ops: &dyn ValueOps) ->
         let mut pw = NodeMut(&mut tx.write(parent)?[..]);
         pw.set_value_u64(j, lb);
         pw.remove_at(j + 1);
-        tx.dec_meta(rb);
+        tx.dec_meta(rb)?;
         return Ok(());
     }
     // Redistribute so that both hold about half.
@@ -436,8 +461,8 @@ fn rebalance(tx: &mut Transaction, parent: u64, i: usize, ops: &dyn ValueOps) ->
 /// Drop one reference on the tree at `root`; if it was the last, free its nodes and drop the
 /// references its values hold (section 8, "deleting a tree").
 pub fn delete_tree(tx: &mut Transaction, root: u64, ops: &dyn ValueOps) -> Result<()> {
-    if tx.meta_count(root) > 1 {
-        tx.dec_meta(root);
+    if tx.meta_count(root)? > 1 {
+        tx.dec_meta(root)?;
         return Ok(());
     }
     let blk = tx.read_node(root, ops.value_size())?;
@@ -449,7 +474,7 @@ pub fn delete_tree(tx: &mut Transaction, root: u64, ops: &dyn ValueOps) -> Resul
             delete_tree(tx, n.value_u64(i), ops)?;
         }
     }
-    tx.dec_meta(root);
+    tx.dec_meta(root)?;
     Ok(())
 }
 

@@ -398,34 +398,48 @@ impl Transaction {
     /// `b` was shared (count > 1), in which case the caller must take references on everything
     /// the copy points to.
     pub fn shadow(&mut self, b: u64, kind: BlockKind) -> Result<(u64, bool)> {
-        let count = self.meta_sm.count(b);
+        let count = self.meta_count(b)?;
         if count == 1 && self.meta_sm.allocated_in_transaction(b) {
             return Ok((b, false));
         }
         let src = self.read(b, kind)?;
         let nb = self.new_block(kind)?;
         *self.write(nb)? = *src;
-        self.dec_meta(b);
+        self.dec_meta(b)?;
         Ok((nb, count > 1))
     }
 
+    fn check_meta(&self, b: u64) -> Result<()> {
+        if b == 0 || b >= self.meta_sm.nr_blocks() {
+            return Err(Error::Inconsistent(format!(
+                "a reference to block {b} leads outside the metadata area (1..{})",
+                self.meta_sm.nr_blocks()
+            )));
+        }
+        Ok(())
+    }
+
     /// Take a reference on metadata block `b`.
-    pub fn inc_meta(&mut self, b: u64) {
+    pub fn inc_meta(&mut self, b: u64) -> Result<()> {
+        self.check_meta(b)?;
         self.meta_sm.inc(b);
+        Ok(())
     }
 
     /// Drop a reference on metadata block `b`; a block that becomes free leaves the dirty set.
-    pub fn dec_meta(&mut self, b: u64) -> u32 {
+    pub fn dec_meta(&mut self, b: u64) -> Result<u32> {
+        self.check_meta(b)?;
         let c = self.meta_sm.dec(b);
         if c == 0 {
             self.dirty.remove(&b);
         }
-        c
+        Ok(c)
     }
 
     /// Count of metadata block `b`.
-    pub fn meta_count(&self, b: u64) -> u32 {
-        self.meta_sm.count(b)
+    pub fn meta_count(&self, b: u64) -> Result<u32> {
+        self.check_meta(b)?;
+        Ok(self.meta_sm.count(b))
     }
 
     fn maybe_writeback(&mut self) -> Result<()> {
@@ -571,7 +585,7 @@ impl Transaction {
             } else {
                 let nb = self.new_block(BlockKind::Bitmap)?;
                 if loc != 0 {
-                    self.dec_meta(loc);
+                    self.dec_meta(loc)?;
                 }
                 self.data_layout.bitmaps[i] = nb;
                 nb
@@ -596,7 +610,7 @@ impl Transaction {
             if idx == 0 || !self.meta_sm.allocated_in_transaction(idx) {
                 let nb = self.new_block(BlockKind::Index)?;
                 if idx != 0 {
-                    self.dec_meta(idx);
+                    self.dec_meta(idx)?;
                 }
                 self.meta_layout.index_root = nb;
                 changed = true;
@@ -607,7 +621,7 @@ impl Transaction {
                 if loc == 0 || !self.meta_sm.allocated_in_transaction(loc) {
                     let nb = self.new_block(BlockKind::Bitmap)?;
                     if loc != 0 {
-                        self.dec_meta(loc);
+                        self.dec_meta(loc)?;
                     }
                     self.meta_layout.bitmaps[i] = nb;
                     changed = true;

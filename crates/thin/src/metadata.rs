@@ -1,1 +1,650 @@
-//! stub
+//! [`ThinMetadata`]: the writable dm-thin metadata the pool engine uses (kernel
+//! `dm-thin-metadata.h`'s verbs; format spec sections 5, 8, 9, 10, 11, 13).
+//!
+//! ```text
+//! superblock ─┬─ device details tree:   dev id → DeviceDetails (24 bytes)
+//!             ├─ mapping tree, top:      dev id → root of the device's bottom tree
+//!             │        bottom:           virtual block → BlockTime (data block << 24 | time)
+//!             ├─ data space map, metadata space map (pdata)
+//!             └─ held_root → copy of the superblock (metadata snapshot), sharing the trees
+//! ```
+//!
+//! Changes live in the open transaction until [`ThinMetadata::commit`], which writes the
+//! changed device details, the space maps, every new block, then the superblock (section 9.2).
+//! The caller flushes the data device before committing (data first, then the metadata that
+//! points at it). Everything here does metadata I/O and blocks; nothing is thread-safe by
+//! itself (the engine serialises access).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use thinpool_io::BlockDevice;
+use thinpool_pdata::btree::{self, PlainValue, SubtreeValue, ValueOps};
+use thinpool_pdata::transaction::{MAX_METADATA_BLOCKS, SmRoot, Transaction};
+use thinpool_pdata::{BLOCK_SIZE, BlockKind, block};
+
+use crate::superblock::{
+    BlockTime, DeviceDetails, METADATA_BLOCK_SECTORS, SUPERBLOCK_MAGIC, Superblock, VERSION,
+};
+use crate::{Error, Result};
+
+/// A thin device id, checked to be below 2^24 (section 5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ThinId(u32);
+
+impl ThinId {
+    /// Largest id the kernel accepts.
+    pub const MAX: u32 = (1 << 24) - 1;
+    /// Check and wrap an id.
+    pub fn new(id: u64) -> Result<Self> {
+        if id > Self::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "thin device id {id} is out of range (0..={})",
+                Self::MAX
+            )));
+        }
+        Ok(ThinId(id as u32))
+    }
+    /// The id as a number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for ThinId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "thin device {}", self.0)
+    }
+}
+
+/// Values of bottom-level leaves: each holds one reference on a data block.
+pub(crate) struct BlockTimeOps;
+
+impl ValueOps for BlockTimeOps {
+    fn value_size(&self) -> usize {
+        8
+    }
+    fn inc(&self, tx: &mut Transaction, v: &[u8]) -> thinpool_pdata::Result<()> {
+        let b = data_block_of(tx, v)?;
+        tx.data_sm_mut().inc(b);
+        Ok(())
+    }
+    fn dec(&self, tx: &mut Transaction, v: &[u8]) -> thinpool_pdata::Result<()> {
+        let b = data_block_of(tx, v)?;
+        tx.data_sm_mut().dec(b);
+        Ok(())
+    }
+    fn same_refs(&self, a: &[u8], b: &[u8]) -> bool {
+        block::le_u64(a, 0) >> 24 == block::le_u64(b, 0) >> 24
+    }
+}
+
+fn data_block_of(tx: &Transaction, v: &[u8]) -> thinpool_pdata::Result<u64> {
+    let b = block::le_u64(v, 0) >> 24;
+    if b >= tx.data_sm().nr_blocks() {
+        return Err(thinpool_pdata::Error::Inconsistent(format!(
+            "a mapping points at data block {b}, beyond the data device ({} blocks)",
+            tx.data_sm().nr_blocks()
+        )));
+    }
+    Ok(b)
+}
+
+const DETAILS: PlainValue = PlainValue(DeviceDetails::SIZE);
+const MAPPINGS: SubtreeValue<'static> = SubtreeValue(&BlockTimeOps);
+
+/// A mapping found by [`ThinMetadata::find_block`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookup {
+    /// The data block.
+    pub data_block: u64,
+    /// Time stamp of the mapping.
+    pub time: u32,
+    /// Whether the block may be shared with a snapshot (mapping time < device's snapshot
+    /// time, section 15.3): a write must copy it.
+    pub shared: bool,
+}
+
+/// The dm-thin metadata of one pool, open for reading and writing.
+pub struct ThinMetadata {
+    tx: Transaction,
+    sb: Superblock,
+    /// Device details changed in this transaction (written at commit, like the kernel).
+    details: BTreeMap<u32, DeviceDetails>,
+}
+
+impl ThinMetadata {
+    /// Format a fresh pool on `dev` (its whole size, up to the 4 161 600-block limit) with
+    /// `nr_data_blocks` data blocks of `data_block_size` sectors, and commit it.
+    pub fn format(
+        dev: Arc<dyn BlockDevice>,
+        data_block_size: u32,
+        nr_data_blocks: u64,
+    ) -> Result<Self> {
+        if data_block_size < 128 || data_block_size > 2_097_152 || data_block_size % 128 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "data block size {data_block_size} sectors: must be a multiple of 128 (64 KiB) between 128 and 2097152 (1 GiB)"
+            )));
+        }
+        if nr_data_blocks > BlockTime::MAX_BLOCK {
+            return Err(Error::InvalidArgument(format!(
+                "{nr_data_blocks} data blocks: a mapping holds at most 2^40"
+            )));
+        }
+        let nr_meta = (dev.size()? / BLOCK_SIZE as u64).min(MAX_METADATA_BLOCKS);
+        let mut tx = Transaction::format(dev, nr_meta, nr_data_blocks)?;
+        let mapping_root = btree::empty_tree(&mut tx, 8)?;
+        let details_root = btree::empty_tree(&mut tx, DeviceDetails::SIZE)?;
+        let sb = Superblock {
+            magic: SUPERBLOCK_MAGIC,
+            version: VERSION,
+            mapping_root,
+            details_root,
+            data_block_size,
+            metadata_block_size: METADATA_BLOCK_SECTORS,
+            metadata_nr_blocks: nr_meta,
+            ..Default::default()
+        };
+        let mut md = ThinMetadata {
+            tx,
+            sb,
+            details: BTreeMap::new(),
+        };
+        md.commit()?;
+        Ok(md)
+    }
+
+    /// Open existing metadata (made by us, `thin_restore` or the kernel). Refuses a device
+    /// that is unformatted, foreign or corrupt, naming the block and the fault.
+    pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Self> {
+        let sb = read_superblock(&*dev)?;
+        let tx = Transaction::open(dev, sb.metadata_sm_root, sb.data_sm_root)?;
+        let mut md = ThinMetadata {
+            tx,
+            sb,
+            details: BTreeMap::new(),
+        };
+        // The two roots must be readable nodes of the right kind.
+        md.tx.read_node(md.sb.mapping_root, 8)?;
+        md.tx.read_node(md.sb.details_root, DeviceDetails::SIZE)?;
+        Ok(md)
+    }
+
+    /// The superblock as it will be committed (roots may be stale until commit).
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Data block size in sectors.
+    pub fn data_block_size(&self) -> u32 {
+        self.sb.data_block_size
+    }
+
+    /// Pool transaction id.
+    pub fn transaction_id(&self) -> u64 {
+        self.sb.trans_id
+    }
+
+    /// Pool time (snapshot counter).
+    pub fn time(&self) -> u32 {
+        self.sb.time
+    }
+
+    /// Held metadata snapshot root, if any.
+    pub fn held_root(&self) -> Option<u64> {
+        (self.sb.held_root != 0).then_some(self.sb.held_root)
+    }
+
+    /// Whether NEEDS_CHECK is set.
+    pub fn needs_check(&self) -> bool {
+        self.sb.flags & crate::superblock::NEEDS_CHECK != 0
+    }
+
+    /// Data blocks in the pool.
+    pub fn nr_data_blocks(&self) -> u64 {
+        self.tx.data_sm().nr_blocks()
+    }
+
+    /// Free data blocks (in the open transaction).
+    pub fn nr_free_data_blocks(&self) -> u64 {
+        self.tx.data_sm().nr_free()
+    }
+
+    /// Metadata blocks in the pool.
+    pub fn nr_metadata_blocks(&self) -> u64 {
+        self.tx.meta_sm().nr_blocks()
+    }
+
+    /// Free metadata blocks (in the open transaction).
+    pub fn nr_free_metadata_blocks(&self) -> u64 {
+        self.tx.meta_sm().nr_free()
+    }
+
+    /// Reference count of a data block.
+    pub fn data_block_count(&self, b: u64) -> u32 {
+        if b < self.nr_data_blocks() {
+            self.tx.data_sm().count(b)
+        } else {
+            0
+        }
+    }
+
+    fn details_of(&mut self, id: ThinId) -> Result<Option<DeviceDetails>> {
+        if let Some(d) = self.details.get(&id.0) {
+            return Ok(Some(*d));
+        }
+        Ok(
+            btree::lookup(&mut self.tx, self.sb.details_root, id.0 as u64, DeviceDetails::SIZE)?
+                .map(|v| DeviceDetails::decode(&v)),
+        )
+    }
+
+    /// Details of a device.
+    pub fn device_details(&mut self, id: ThinId) -> Result<DeviceDetails> {
+        self.details_of(id)?.ok_or(Error::NoSuchDevice(id.0))
+    }
+
+    /// Every device with its details, ascending by id.
+    pub fn devices(&mut self) -> Result<Vec<(ThinId, DeviceDetails)>> {
+        let mut out = BTreeMap::new();
+        btree::walk(
+            &mut self.tx,
+            self.sb.details_root,
+            DeviceDetails::SIZE,
+            &mut |k, v| {
+                out.insert(k as u32, DeviceDetails::decode(v));
+                Ok(true)
+            },
+        )?;
+        for (k, d) in &self.details {
+            out.insert(*k, *d);
+        }
+        Ok(out.into_iter().map(|(k, d)| (ThinId(k), d)).collect())
+    }
+
+    fn device_root(&mut self, id: ThinId) -> Result<u64> {
+        btree::lookup_u64(&mut self.tx, self.sb.mapping_root, id.0 as u64)?
+            .ok_or(Error::NoSuchDevice(id.0))
+    }
+
+    /// Create an empty thin device (`create_thin`).
+    pub fn create_thin(&mut self, id: ThinId) -> Result<()> {
+        if self.details_of(id)?.is_some() {
+            return Err(Error::DeviceExists(id.0));
+        }
+        let root = btree::empty_tree(&mut self.tx, 8)?;
+        self.sb.mapping_root =
+            btree::insert(&mut self.tx, self.sb.mapping_root, id.0 as u64, &root.to_le_bytes(), &MAPPINGS)?.0;
+        self.details.insert(
+            id.0,
+            DeviceDetails {
+                mapped_blocks: 0,
+                transaction_id: self.sb.trans_id,
+                creation_time: self.sb.time,
+                snapshotted_time: self.sb.time,
+            },
+        );
+        Ok(())
+    }
+
+    /// Snapshot `origin` as `id` (`create_snap`): O(1), the new device shares the origin's
+    /// mapping tree; the pool time advances.
+    pub fn create_snap(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+        if self.details_of(id)?.is_some() {
+            return Err(Error::DeviceExists(id.0));
+        }
+        let mut od = self.details_of(origin)?.ok_or(Error::NoSuchDevice(origin.0))?;
+        if self.sb.time >= 0xFF_FFFF {
+            return Err(Error::InvalidArgument(
+                "the pool's snapshot counter reached 2^24 - 1: mappings keep only 24 bits of time (format spec 11.4)".into(),
+            ));
+        }
+        let root = self.device_root(origin)?;
+        self.sb.time += 1;
+        self.tx.inc_meta(root)?;
+        self.sb.mapping_root =
+            btree::insert(&mut self.tx, self.sb.mapping_root, id.0 as u64, &root.to_le_bytes(), &MAPPINGS)?.0;
+        od.snapshotted_time = self.sb.time;
+        self.details.insert(origin.0, od);
+        self.details.insert(
+            id.0,
+            DeviceDetails {
+                mapped_blocks: od.mapped_blocks,
+                transaction_id: self.sb.trans_id,
+                creation_time: self.sb.time,
+                snapshotted_time: self.sb.time,
+            },
+        );
+        Ok(())
+    }
+
+    /// Delete a device; data blocks no longer referenced become free.
+    pub fn delete_thin(&mut self, id: ThinId) -> Result<()> {
+        if self.details_of(id)?.is_none() {
+            return Err(Error::NoSuchDevice(id.0));
+        }
+        self.sb.mapping_root =
+            btree::remove(&mut self.tx, self.sb.mapping_root, id.0 as u64, &MAPPINGS)?.0;
+        self.details.remove(&id.0);
+        self.sb.details_root =
+            btree::remove(&mut self.tx, self.sb.details_root, id.0 as u64, &DETAILS)?.0;
+        Ok(())
+    }
+
+    /// Look up the mapping of virtual block `vblock` of device `id`.
+    pub fn find_block(&mut self, id: ThinId, vblock: u64) -> Result<Option<Lookup>> {
+        let d = self.device_details(id)?;
+        let root = self.device_root(id)?;
+        Ok(btree::lookup_u64(&mut self.tx, root, vblock)?.map(|v| {
+            let bt = BlockTime::unpack(v);
+            Lookup {
+                data_block: bt.block,
+                time: bt.time,
+                shared: d.snapshotted_time > bt.time,
+            }
+        }))
+    }
+
+    /// Allocate a data block (count 1), or `None` when the pool is full. The caller maps it
+    /// with [`ThinMetadata::insert_block`], which takes over this reference.
+    pub fn alloc_data_block(&mut self) -> Result<Option<u64>> {
+        Ok(self.tx.data_sm_mut().alloc())
+    }
+
+    /// Drop a reference on a data block the caller holds (an allocation it will not use).
+    pub fn release_data_block(&mut self, b: u64) -> Result<()> {
+        self.check_data_block(b)?;
+        self.tx.data_sm_mut().dec(b);
+        Ok(())
+    }
+
+    /// Take one more reference on a data block (restore and repair map blocks they did not
+    /// allocate).
+    pub fn inc_data_block(&mut self, b: u64) -> Result<()> {
+        self.check_data_block(b)?;
+        self.tx.data_sm_mut().inc(b);
+        Ok(())
+    }
+
+    fn check_data_block(&self, b: u64) -> Result<()> {
+        if b >= self.nr_data_blocks() {
+            return Err(Error::InvalidArgument(format!(
+                "data block {b} is beyond the data device ({} blocks)",
+                self.nr_data_blocks()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Map `vblock` of device `id` to `data_block` at the current time. The caller's reference
+    /// on `data_block` passes to the mapping; a replaced mapping drops its reference.
+    pub fn insert_block(&mut self, id: ThinId, vblock: u64, data_block: u64) -> Result<()> {
+        let time = self.sb.time;
+        self.insert_block_with_time(id, vblock, data_block, time)
+    }
+
+    /// [`ThinMetadata::insert_block`] with an explicit time stamp (restore).
+    pub fn insert_block_with_time(
+        &mut self,
+        id: ThinId,
+        vblock: u64,
+        data_block: u64,
+        time: u32,
+    ) -> Result<()> {
+        self.check_data_block(data_block)?;
+        let mut d = self.device_details(id)?;
+        let value = BlockTime {
+            block: data_block,
+            time,
+        }
+        .pack()
+        .to_le_bytes();
+        let mut is_new = false;
+        let mut missing = false;
+        self.sb.mapping_root = btree::update(
+            &mut self.tx,
+            self.sb.mapping_root,
+            id.0 as u64,
+            &MAPPINGS,
+            &mut |tx, old| {
+                let Some(old) = old else {
+                    missing = true;
+                    return Ok(btree::empty_tree(tx, 8)?.to_le_bytes().to_vec());
+                };
+                let root = block::le_u64(old, 0);
+                let (root, new) = btree::insert(tx, root, vblock, &value, &BlockTimeOps)?;
+                is_new = new;
+                Ok(root.to_le_bytes().to_vec())
+            },
+        )?;
+        if missing {
+            return Err(Error::Inconsistent(format!(
+                "{id} has details but no mapping tree"
+            )));
+        }
+        if is_new {
+            d.mapped_blocks += 1;
+            self.details.insert(id.0, d);
+        }
+        Ok(())
+    }
+
+    /// Unmap `vblock` of device `id`; returns whether it was mapped. Its data block loses a
+    /// reference.
+    pub fn remove_block(&mut self, id: ThinId, vblock: u64) -> Result<bool> {
+        Ok(self.remove_range(id, vblock, vblock.saturating_add(1))? == 1)
+    }
+
+    /// Unmap every block in `begin..end` of device `id`; returns how many were mapped.
+    pub fn remove_range(&mut self, id: ThinId, begin: u64, end: u64) -> Result<u64> {
+        let mut d = self.device_details(id)?;
+        let root = self.device_root(id)?;
+        let mut keys = Vec::new();
+        btree::walk_from(&mut self.tx, root, begin, 8, &mut |k, _| {
+            if k >= end {
+                return Ok(false);
+            }
+            keys.push(k);
+            Ok(true)
+        })?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let n = keys.len() as u64;
+        self.sb.mapping_root = btree::update(
+            &mut self.tx,
+            self.sb.mapping_root,
+            id.0 as u64,
+            &MAPPINGS,
+            &mut |tx, old| {
+                let mut root = block::le_u64(old.expect("device root looked up above"), 0);
+                for &k in &keys {
+                    root = btree::remove(tx, root, k, &BlockTimeOps)?.0;
+                }
+                Ok(root.to_le_bytes().to_vec())
+            },
+        )?;
+        d.mapped_blocks = d.mapped_blocks.saturating_sub(n);
+        self.details.insert(id.0, d);
+        Ok(n)
+    }
+
+    /// Visit the mappings of device `id` from virtual block `start`, in order, as
+    /// `(vblock, data block, time)`; the visitor returns `false` to stop.
+    pub fn mappings(
+        &mut self,
+        id: ThinId,
+        start: u64,
+        f: &mut dyn FnMut(u64, u64, u32) -> bool,
+    ) -> Result<()> {
+        let root = self.device_root(id)?;
+        btree::walk_from(&mut self.tx, root, start, 8, &mut |k, v| {
+            let bt = BlockTime::unpack(block::le_u64(v, 0));
+            Ok(f(k, bt.block, bt.time))
+        })?;
+        Ok(())
+    }
+
+    /// Compare-and-swap the pool transaction id (`set_transaction_id`).
+    pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
+        if self.sb.trans_id != old {
+            return Err(Error::InvalidArgument(format!(
+                "transaction id is {}, not {old}",
+                self.sb.trans_id
+            )));
+        }
+        self.sb.trans_id = new;
+        Ok(())
+    }
+
+    /// Set superblock fields restore copies from XML (time, flags, version).
+    pub(crate) fn set_restored_fields(&mut self, time: u32, flags: u32, version: u32) {
+        self.sb.time = time;
+        self.sb.flags = flags;
+        self.sb.version = version;
+    }
+
+    /// Set a device's details as a whole (restore).
+    pub(crate) fn set_details(&mut self, id: ThinId, d: DeviceDetails) {
+        self.details.insert(id.0, d);
+    }
+
+    /// Commit, then keep a frozen copy of the trees readable at the held root
+    /// (`reserve_metadata_snap`, section 10). The change is committed too.
+    pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
+        if self.sb.held_root != 0 {
+            return Err(Error::MetadataSnap(format!(
+                "a metadata snapshot is already held at block {}",
+                self.sb.held_root
+            )));
+        }
+        self.commit()?;
+        let h = self.tx.new_block(BlockKind::Superblock)?;
+        let mut copy = self.sb.clone();
+        copy.data_sm_root = SmRoot::default();
+        copy.metadata_sm_root = SmRoot::default();
+        copy.held_root = 0;
+        copy.blocknr = h;
+        *self.tx.write(h)? = *copy.encode();
+        self.tx.set_kind(h, BlockKind::Superblock)?;
+        self.tx.inc_meta(self.sb.mapping_root)?;
+        self.tx.inc_meta(self.sb.details_root)?;
+        self.sb.held_root = h;
+        self.commit()?;
+        Ok(h)
+    }
+
+    /// Drop the held metadata snapshot (`release_metadata_snap`) and commit.
+    pub fn release_metadata_snap(&mut self) -> Result<()> {
+        let h = self.sb.held_root;
+        if h == 0 {
+            return Err(Error::MetadataSnap("no metadata snapshot is held".into()));
+        }
+        let blk = self.tx.read(h, BlockKind::Superblock)?;
+        let held = Superblock::decode(&blk[..]);
+        self.sb.held_root = 0;
+        btree::delete_tree(&mut self.tx, held.mapping_root, &MAPPINGS)?;
+        btree::delete_tree(&mut self.tx, held.details_root, &DETAILS)?;
+        self.tx.dec_meta(h)?;
+        self.commit()
+    }
+
+    /// Grow the data space map to `nr_blocks` (section 11.2). Shrinking is refused.
+    pub fn resize_data_dev(&mut self, nr_blocks: u64) -> Result<()> {
+        if self.needs_check() {
+            return Err(Error::InvalidArgument(
+                "NEEDS_CHECK is set: check the metadata before growing".into(),
+            ));
+        }
+        Ok(self.tx.resize_data(nr_blocks)?)
+    }
+
+    /// Grow the metadata space map to `nr_blocks` (the device must have grown first).
+    pub fn resize_metadata_dev(&mut self, nr_blocks: u64) -> Result<()> {
+        if self.needs_check() {
+            return Err(Error::InvalidArgument(
+                "NEEDS_CHECK is set: check the metadata before growing".into(),
+            ));
+        }
+        Ok(self.tx.resize_metadata(nr_blocks)?)
+    }
+
+    /// Commit the open transaction in the kernel's order (section 9.2): device details, space
+    /// maps, every new block, flush, superblock, flush. The data device must have been flushed
+    /// by the caller. After an error the handle refuses further writes.
+    pub fn commit(&mut self) -> Result<()> {
+        let details = std::mem::take(&mut self.details);
+        for (id, d) in &details {
+            self.sb.details_root = btree::insert(
+                &mut self.tx,
+                self.sb.details_root,
+                *id as u64,
+                &d.encode(),
+                &DETAILS,
+            )?
+            .0;
+        }
+        self.tx.commit_space_maps()?;
+        let (data_root, meta_root) = self.tx.sm_roots();
+        self.sb.data_sm_root = data_root;
+        self.sb.metadata_sm_root = meta_root;
+        self.sb.blocknr = 0;
+        self.tx.write_and_flush(self.sb.encode())?;
+        Ok(())
+    }
+
+    /// Number of metadata blocks changed in the open transaction.
+    pub fn nr_dirty_blocks(&self) -> usize {
+        self.tx.nr_dirty()
+    }
+}
+
+/// Read and validate the superblock of a metadata device, refusing unformatted, foreign or
+/// corrupt ones with a message that says which.
+pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
+    let size = dev.size()?;
+    if size < BLOCK_SIZE as u64 {
+        return Err(Error::BadSuperblock(format!(
+            "{} is {size} bytes, too small for dm-thin metadata",
+            dev.name()
+        )));
+    }
+    let mut buf = [0u8; BLOCK_SIZE];
+    dev.read_at(&mut buf, 0)?;
+    if buf.iter().all(|&b| b == 0) {
+        return Err(Error::BadSuperblock(format!(
+            "{} is not formatted (block 0 is all zeros)",
+            dev.name()
+        )));
+    }
+    block::validate(&buf, BlockKind::Superblock, 0)
+        .map_err(|f| Error::BadSuperblock(format!("{} on {}", f, dev.name())))?;
+    let sb = Superblock::decode(&buf);
+    if let Some(fault) = sb.fault() {
+        return Err(Error::BadSuperblock(format!("{fault} on {}", dev.name())));
+    }
+    let nr = sb.metadata_sm_root.nr_blocks;
+    for (what, b) in [
+        ("data_mapping_root", sb.mapping_root),
+        ("device_details_root", sb.details_root),
+        ("metadata space map index", sb.metadata_sm_root.bitmap_root),
+        ("metadata ref-count root", sb.metadata_sm_root.ref_count_root),
+        ("data space map index", sb.data_sm_root.bitmap_root),
+        ("data ref-count root", sb.data_sm_root.ref_count_root),
+    ] {
+        if b == 0 || b >= nr {
+            return Err(Error::BadSuperblock(format!(
+                "{what} is block {b}, outside the metadata area (1..{nr}) on {}",
+                dev.name()
+            )));
+        }
+    }
+    if sb.held_root >= nr {
+        return Err(Error::BadSuperblock(format!(
+            "held_root is block {}, outside the metadata area (1..{nr})",
+            sb.held_root
+        )));
+    }
+    Ok(sb)
+}

@@ -1,0 +1,4 @@
+//! Integration tests of the thin metadata layer against thin-provisioning-tools.
+
+mod common;
+mod smoke;
