@@ -1,1 +1,53 @@
-fn main() {}
+//! `thinpool`: the one binary. Flags are parsed here and handed to library functions; no domain
+//! logic lives in this crate (style guide section 1).
+
+#![forbid(unsafe_code)]
+
+mod meta;
+
+use clap::{Parser, Subcommand};
+
+/// thinpool: thin-provisioned volumes and snapshots on the Linux kernel's dm-thin format.
+#[derive(Parser)]
+#[command(name = "thinpool", version, about, propagate_version = true)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Metadata toolbox: check, dump, restore, repair, ls, delta, size (like
+    /// thin-provisioning-tools), on a metadata file or block device.
+    #[command(subcommand)]
+    Meta(meta::MetaCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match cli.command {
+        Command::Meta(cmd) => meta::run(cmd),
+    };
+    match code {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("thinpool: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

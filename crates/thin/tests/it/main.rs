@@ -1,4 +1,6 @@
 //! Integration tests of the thin metadata layer against thin-provisioning-tools.
 
 mod common;
+mod crash;
+mod model;
 mod smoke;
