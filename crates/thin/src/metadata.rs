@@ -165,10 +165,45 @@ impl ThinMetadata {
             sb,
             details: BTreeMap::new(),
         };
-        // The two roots must be readable nodes of the right kind.
-        md.tx.read_node(md.sb.mapping_root, 8)?;
-        md.tx.read_node(md.sb.details_root, DeviceDetails::SIZE)?;
+        md.verify_top_level()?;
         Ok(md)
+    }
+
+    /// Open-time verification, cheap next to the mappings: the held copy of the superblock,
+    /// and the details tree and the top level of the mapping tree, which must list the same
+    /// devices. Bottom trees are checked as they are used (and by `meta check`).
+    fn verify_top_level(&mut self) -> Result<()> {
+        if self.sb.held_root != 0 {
+            self.tx.read(self.sb.held_root, BlockKind::Superblock)?;
+        }
+        let mut details = Vec::new();
+        btree::walk(&mut self.tx, self.sb.details_root, DeviceDetails::SIZE, &mut |k, _| {
+            details.push(k);
+            Ok(true)
+        })?;
+        let mut tops = Vec::new();
+        btree::walk(&mut self.tx, self.sb.mapping_root, 8, &mut |k, _| {
+            tops.push(k);
+            Ok(true)
+        })?;
+        if details != tops {
+            let only_details: Vec<_> = details.iter().filter(|k| !tops.contains(k)).collect();
+            let only_tops: Vec<_> = tops.iter().filter(|k| !details.contains(k)).collect();
+            return Err(Error::Inconsistent(format!(
+                "the device details tree (root {}) and the mapping tree (root {}) list different devices: only in details {:?}, only in mappings {:?}",
+                self.sb.details_root, self.sb.mapping_root, only_details, only_tops
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reference count of a metadata block (0 = free or stale).
+    pub fn metadata_block_count(&self, b: u64) -> u32 {
+        if b < self.nr_metadata_blocks() {
+            self.tx.meta_sm().count(b)
+        } else {
+            0
+        }
     }
 
     /// The superblock as it will be committed (roots may be stale until commit).
