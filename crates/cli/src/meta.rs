@@ -47,6 +47,25 @@ pub enum MetaCommand {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Estimate the metadata size a pool needs (like thin_metadata_size).
+    Size {
+        /// Data block size (sectors without a unit; units b s k K m M g G t T p P e E z Z y Y,
+        /// lowercase powers of 1024, uppercase of 1000).
+        #[arg(short, long, allow_hyphen_values = true)]
+        block_size: Option<String>,
+        /// Size of the pool's data device (same units).
+        #[arg(short = 's', long, allow_hyphen_values = true)]
+        pool_size: Option<String>,
+        /// Most thin devices and snapshots there will be.
+        #[arg(short, long, allow_hyphen_values = true)]
+        max_thins: Option<String>,
+        /// Unit of the result (default: sectors).
+        #[arg(short, long)]
+        unit: Option<String>,
+        /// Print the number only (`-n`), or with the unit's letter (`-nshort`) or name (`-nlong`).
+        #[arg(short, long, num_args = 0..=1, default_missing_value = "")]
+        numeric_only: Option<String>,
+    },
 }
 
 pub fn run(cmd: MetaCommand) -> Result<i32> {
@@ -91,6 +110,38 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
                     format!("restoring {} onto {}", input.display(), output.display())
                 })?;
             bar.finish_and_clear();
+            Ok(0)
+        }
+        MetaCommand::Size {
+            block_size,
+            pool_size,
+            max_thins,
+            unit,
+            numeric_only,
+        } => {
+            use thinpool_thin::size::{
+                NumericOnly, SizeArg, SizeOptions, format_size_report, parse_output_unit,
+            };
+            let arg = |a: Option<String>| -> Result<Option<SizeArg>> {
+                a.map(|s| SizeArg::parse(&s).map_err(|e| anyhow::anyhow!("{}", e.tool_message())))
+                    .transpose()
+            };
+            let mut opts = SizeOptions {
+                block_size: arg(block_size)?,
+                pool_size: arg(pool_size)?,
+                max_thins: arg(max_thins)?,
+                ..SizeOptions::default()
+            };
+            if let Some(u) = unit {
+                opts.unit = parse_output_unit(&u).map_err(|e| anyhow::anyhow!("{}", e.tool_message()))?;
+            }
+            if let Some(n) = numeric_only {
+                opts.numeric_only = NumericOnly::parse((!n.is_empty()).then_some(n.as_str()))
+                    .map_err(|e| anyhow::anyhow!("{}", e.tool_message()))?;
+            }
+            let report =
+                format_size_report(&opts).map_err(|e| anyhow::anyhow!("{}", e.tool_message()))?;
+            print!("{report}");
             Ok(0)
         }
     }

@@ -25,7 +25,8 @@ pub struct Superblock {
     pub data_block_size: u32,
     /// Number of data blocks (0 in a dump of the held metadata snapshot).
     pub nr_data_blocks: u64,
-    /// Held metadata snapshot root, if any (printed as `metadata_snap` when set).
+    /// Held metadata snapshot root, if any. `thin_dump` 0.9.0 never prints it; XML input may
+    /// carry it as `metadata_snap` (ignored by restore: XML cannot express a held snapshot).
     pub metadata_snap: Option<u64>,
 }
 
