@@ -1,1 +1,11 @@
-mod placeholder {}
+//! thinpool's end-to-end tests: one test binary (`cargo test -p thinpool-tests`), one module per
+//! kind of oracle. Helpers live in the `thinpool_tests` library (`tests/src/`).
+//!
+//! - `oracle`: the `thinpool meta` toolbox against thin-provisioning-tools 0.9.0, on the committed
+//!   vectors and on random pools (seed printed; `THINPOOL_TEST_SEED`, `THINPOOL_TEST_CASES`).
+//! - `kernel`: pools exchanged with the Linux kernel's dm-thin, booted in a VM.
+//! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
+
+mod kernel;
+mod kernel_api;
+mod oracle;

@@ -308,8 +308,8 @@ pub fn scratch() -> TempDir {
 
 /// Create (or truncate) `path` as a sparse, zeroed file of `size` bytes.
 pub fn zeroed_file(path: &Path, size: u64) -> PathBuf {
-    let f = std::fs::File::create(path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     f.set_len(size)
         .unwrap_or_else(|e| panic!("set length of {}: {e}", path.display()));
     path.to_path_buf()
@@ -404,6 +404,16 @@ impl Failures {
     /// A new, empty collector.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Number of failures recorded so far.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if no failure was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Record a failure.
