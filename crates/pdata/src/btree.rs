@@ -273,6 +273,9 @@ pub fn insert(
     Ok((root, is_new))
 }
 
+/// The callback of [`update`]: old value in, new value out.
+pub type UpdateFn<'a> = dyn FnMut(&mut Transaction, Option<&[u8]>) -> Result<Vec<u8>> + 'a;
+
 /// Descend to `key`'s leaf (shadowing the path), call `f` with the old value (if any), and
 /// store what it returns. `f` may use the transaction (for example to change a subtree whose
 /// root the value is); references of the old value are `f`'s business. Returns the new root.
@@ -281,7 +284,7 @@ pub fn update(
     root: u64,
     key: u64,
     ops: &dyn ValueOps,
-    f: &mut dyn FnMut(&mut Transaction, Option<&[u8]>) -> Result<Vec<u8>>,
+    f: &mut UpdateFn<'_>,
 ) -> Result<u64> {
     let vs = ops.value_size();
     tx.read_node(root, vs)?;

@@ -132,16 +132,16 @@ impl<'a> NodeRef<'a> {
         } else {
             expected_value_size
         };
-        if let Some(e) = expected {
-            if vs != e {
-                return Err(ShapeFault::ValueSize {
-                    found: vs as u32,
-                    expected: e as u32,
-                });
-            }
+        if let Some(e) = expected
+            && vs != e
+        {
+            return Err(ShapeFault::ValueSize {
+                found: vs as u32,
+                expected: e as u32,
+            });
         }
         let max = self.max_entries();
-        if max % 3 != 0 || vs > BLOCK_SIZE || NODE_HEADER_SIZE + max * (8 + vs) > BLOCK_SIZE {
+        if !max.is_multiple_of(3) || vs > BLOCK_SIZE || NODE_HEADER_SIZE + max * (8 + vs) > BLOCK_SIZE {
             return Err(ShapeFault::MaxEntries {
                 max: max as u32,
                 value_size: vs as u32,

@@ -18,6 +18,7 @@ pub mod repair;
 pub mod restore;
 pub mod size;
 pub mod superblock;
+mod walk;
 pub mod xml;
 
 pub use metadata::{ThinId, ThinMetadata};
