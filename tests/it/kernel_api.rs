@@ -31,11 +31,16 @@ fn kernel_reads_a_pool_written_through_the_api() {
     let mut md = ThinMetadata::format(mdev, DBS, NR_DATA).unwrap();
     // Expected content per (dev, vblock): a tag written to a data block.
     let mut view: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
-    let write = |md: &mut ThinMetadata, view: &mut BTreeMap<u32, BTreeMap<u64, String>>, dev: u32, v: u64| {
+    let write = |md: &mut ThinMetadata,
+                 view: &mut BTreeMap<u32, BTreeMap<u64, String>>,
+                 dev: u32,
+                 v: u64| {
         let b = md.alloc_data_block().unwrap().unwrap();
         let tag = format!("d{dev}v{v}");
-        ddev.write_all_at(&pattern(&tag, BS), b * BS as u64).unwrap();
-        md.insert_block(ThinId::new(dev as u64).unwrap(), v, b).unwrap();
+        ddev.write_all_at(&pattern(&tag, BS), b * BS as u64)
+            .unwrap();
+        md.insert_block(ThinId::new(dev as u64).unwrap(), v, b)
+            .unwrap();
         view.entry(dev).or_default().insert(v, tag);
     };
     let id = |n: u32| ThinId::new(n as u64).unwrap();

@@ -47,6 +47,76 @@ pub enum MetaCommand {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Verify every structure and reference count (like thin_check; exit 1 on errors).
+    Check {
+        /// Print nothing; only the exit status tells.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Only check the superblock.
+        #[arg(long)]
+        super_block_only: bool,
+        /// Do not check the bottom-level mapping trees.
+        #[arg(long)]
+        skip_mappings: bool,
+        /// Check the held metadata snapshot's trees.
+        #[arg(short = 'm', long)]
+        metadata_snap: bool,
+        /// Exit 0 when only non-fatal errors (leaked blocks) are found.
+        #[arg(long)]
+        ignore_non_fatal_errors: bool,
+        /// Metadata file or block device.
+        metadata: PathBuf,
+    },
+    /// List devices with their mapped, exclusive and shared blocks (like thin_ls).
+    Ls {
+        /// Comma-separated fields: DEV, MAPPED_BLOCKS, EXCLUSIVE_BLOCKS, SHARED_BLOCKS,
+        /// MAPPED_SECTORS, ..., MAPPED, EXCLUSIVE, SHARED, TRANSACTION, CREATE_TIME, SNAP_TIME.
+        #[arg(short = 'o', long)]
+        format: Option<String>,
+        /// List the held metadata snapshot.
+        #[arg(short = 'm', long)]
+        metadata_snap: bool,
+        /// No header line.
+        #[arg(long)]
+        no_headers: bool,
+        /// Metadata file or block device.
+        metadata: PathBuf,
+    },
+    /// Show which ranges differ between two devices (like thin_delta).
+    Delta {
+        /// Left device id.
+        #[arg(long, visible_alias = "snap1")]
+        thin1: u64,
+        /// Right device id.
+        #[arg(long, visible_alias = "snap2")]
+        thin2: u64,
+        /// Compare in the held metadata snapshot.
+        #[arg(short = 'm', long)]
+        metadata_snap: bool,
+        /// List every range with its data blocks.
+        #[arg(long = "verbose", id = "delta_verbose")]
+        verbose_ranges: bool,
+        /// Metadata file or block device.
+        metadata: PathBuf,
+    },
+    /// Rebuild a valid pool from what is still readable (like thin_repair).
+    Repair {
+        /// Damaged metadata (only read).
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Where to write the repaired metadata (must exist, with its final size).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Transaction id, if the superblock is unreadable.
+        #[arg(long)]
+        transaction_id: Option<u64>,
+        /// Data block size in sectors, if the superblock is unreadable.
+        #[arg(long)]
+        data_block_size: Option<u32>,
+        /// Number of data blocks, if the superblock is unreadable.
+        #[arg(long)]
+        nr_data_blocks: Option<u64>,
+    },
     /// Estimate the metadata size a pool needs (like thin_metadata_size).
     Size {
         /// Data block size (sectors without a unit; units b s k K m M g G t T p P e E z Z y Y,
@@ -79,7 +149,8 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             let dev = open_ro(&metadata)?;
             let sink: Box<dyn Write> = match &output {
                 Some(p) => Box::new(
-                    std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
                 ),
                 None => Box::new(std::io::stdout().lock()),
             };
@@ -112,6 +183,105 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             bar.finish_and_clear();
             Ok(0)
         }
+        MetaCommand::Check {
+            quiet,
+            super_block_only,
+            skip_mappings,
+            metadata_snap,
+            ignore_non_fatal_errors,
+            metadata,
+        } => {
+            use thinpool_thin::check::{CheckOptions, check};
+            let dev = open_ro(&metadata)?;
+            let opts = CheckOptions {
+                super_block_only,
+                skip_mappings,
+                metadata_snap,
+                ignore_non_fatal: ignore_non_fatal_errors,
+            };
+            let bar = progress_bar(quiet, "checked blocks");
+            let report = check(dev, &opts, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .with_context(|| format!("checking {}", metadata.display()))?;
+            bar.finish_and_clear();
+            if !quiet {
+                print!("{}", report.render());
+                if tracing::enabled!(tracing::Level::INFO) {
+                    eprint!("{}", report.render_warnings());
+                }
+            }
+            Ok(report.exit_code())
+        }
+        MetaCommand::Ls {
+            format,
+            metadata_snap,
+            no_headers,
+            metadata,
+        } => {
+            use thinpool_thin::ls::{Field, LsOptions, ls_with};
+            let fields = match format {
+                Some(f) => Field::parse_list(&f).map_err(|e| anyhow::anyhow!("{e}"))?,
+                None => Field::DEFAULT.to_vec(),
+            };
+            let out = ls_with(
+                open_ro(&metadata)?,
+                &LsOptions {
+                    fields,
+                    metadata_snap,
+                    no_headers,
+                },
+            )
+            .with_context(|| format!("listing {}", metadata.display()))?;
+            print!("{out}");
+            Ok(0)
+        }
+        MetaCommand::Delta {
+            thin1,
+            thin2,
+            metadata_snap,
+            verbose_ranges: verbose,
+            metadata,
+        } => {
+            use thinpool_thin::delta::{DeltaOptions, delta_with};
+            let out = delta_with(
+                open_ro(&metadata)?,
+                &DeltaOptions {
+                    thin1,
+                    thin2,
+                    metadata_snap: metadata_snap.then_some(None),
+                    verbose,
+                },
+            )
+            .with_context(|| format!("comparing devices in {}", metadata.display()))?;
+            print!("{out}");
+            Ok(0)
+        }
+        MetaCommand::Repair {
+            input,
+            output,
+            transaction_id,
+            data_block_size,
+            nr_data_blocks,
+        } => {
+            use thinpool_thin::repair::{SalvageOptions, repair};
+            let opts = SalvageOptions {
+                transaction_id,
+                data_block_size,
+                nr_data_blocks,
+            };
+            let report = repair(open_ro(&input)?, open_rw(&output)?, &opts).with_context(|| {
+                format!("repairing {} into {}", input.display(), output.display())
+            })?;
+            for (dev, why) in &report.skipped {
+                eprintln!("thinpool: device {dev} could not be recovered: {why}");
+            }
+            for note in &report.notes {
+                tracing::info!("{note}");
+            }
+            Ok(0)
+        }
         MetaCommand::Size {
             block_size,
             pool_size,
@@ -133,7 +303,8 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
                 ..SizeOptions::default()
             };
             if let Some(u) = unit {
-                opts.unit = parse_output_unit(&u).map_err(|e| anyhow::anyhow!("{}", e.tool_message()))?;
+                opts.unit =
+                    parse_output_unit(&u).map_err(|e| anyhow::anyhow!("{}", e.tool_message()))?;
             }
             if let Some(n) = numeric_only {
                 opts.numeric_only = NumericOnly::parse((!n.is_empty()).then_some(n.as_str()))
@@ -174,6 +345,19 @@ fn open_rw(path: &Path) -> Result<Arc<dyn BlockDevice>> {
     ))
 }
 
+/// A bar with a known total on a terminal; hidden otherwise.
+fn progress_bar(quiet: bool, what: &'static str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} ({eta})").expect("valid template"),
+    );
+    bar.set_message(what);
+    bar
+}
+
 /// A spinner with a count on a terminal; hidden otherwise.
 fn progress(quiet: bool, what: &'static str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
@@ -181,8 +365,7 @@ fn progress(quiet: bool, what: &'static str) -> ProgressBar {
     }
     let bar = ProgressBar::new_spinner();
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {pos} {msg} ({elapsed})")
-            .expect("valid template"),
+        ProgressStyle::with_template("{spinner} {pos} {msg} ({elapsed})").expect("valid template"),
     );
     bar.set_message(what);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));

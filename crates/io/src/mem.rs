@@ -36,7 +36,10 @@ impl MemDevice {
 
     /// A copy of the device's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.bytes.lock().expect("memory device lock poisoned").clone()
+        self.bytes
+            .lock()
+            .expect("memory device lock poisoned")
+            .clone()
     }
 }
 
@@ -45,7 +48,11 @@ impl BlockDevice for MemDevice {
         &self.name
     }
     fn size(&self) -> Result<u64> {
-        Ok(self.bytes.lock().expect("memory device lock poisoned").len() as u64)
+        Ok(self
+            .bytes
+            .lock()
+            .expect("memory device lock poisoned")
+            .len() as u64)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let bytes = self.bytes.lock().expect("memory device lock poisoned");
@@ -234,7 +241,13 @@ impl BlockDevice for FaultyDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.tick("read", offset)?;
         let images = self.lock();
-        check_range(&self.name, "read", offset, buf.len(), images.live.len() as u64)?;
+        check_range(
+            &self.name,
+            "read",
+            offset,
+            buf.len(),
+            images.live.len() as u64,
+        )?;
         let o = offset as usize;
         buf.copy_from_slice(&images.live[o..o + buf.len()]);
         Ok(())
@@ -242,7 +255,13 @@ impl BlockDevice for FaultyDevice {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.tick("write", offset)?;
         let mut images = self.lock();
-        check_range(&self.name, "write", offset, buf.len(), images.live.len() as u64)?;
+        check_range(
+            &self.name,
+            "write",
+            offset,
+            buf.len(),
+            images.live.len() as u64,
+        )?;
         let o = offset as usize;
         images.live[o..o + buf.len()].copy_from_slice(buf);
         images.pending.push((offset, buf.to_vec()));

@@ -123,7 +123,9 @@ pub fn validate(block: &[u8], kind: BlockKind, location: u64) -> Result<(), Bloc
 pub fn identify(block: &[u8]) -> Option<BlockKind> {
     let stored = le_u32(block, 0);
     let raw = crc32c::crc32c(&block[4..]) ^ 0xFFFF_FFFF;
-    BlockKind::ALL.into_iter().find(|k| raw ^ k.salt() == stored)
+    BlockKind::ALL
+        .into_iter()
+        .find(|k| raw ^ k.salt() == stored)
 }
 
 /// Little-endian `u32` at `off`.

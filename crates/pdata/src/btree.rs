@@ -14,8 +14,8 @@
 use crate::block::{BLOCK_SIZE, Block, BlockKind, MetaBlock};
 use crate::node::{INTERNAL_NODE, NodeMut, NodeRef, append_entries};
 use crate::transaction::{BlockReader, Transaction};
-use std::sync::Arc;
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// How values of a tree hold references.
 pub trait ValueOps {
@@ -124,7 +124,10 @@ pub fn lookup(
         }
         b = n.value_u64(i);
     }
-    Err(bad_tree(root, "tree deeper than 64 levels (a cycle?)".into()))
+    Err(bad_tree(
+        root,
+        "tree deeper than 64 levels (a cycle?)".into(),
+    ))
 }
 
 /// Look up a `u64` value.

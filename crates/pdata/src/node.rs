@@ -46,7 +46,9 @@ pub enum ShapeFault {
         expected: u32,
     },
     /// `max_entries` is not a multiple of 3 or does not fit the block.
-    #[error("max_entries {max} with value size {value_size} does not fit a 4096-byte block or is not a multiple of 3")]
+    #[error(
+        "max_entries {max} with value size {value_size} does not fit a 4096-byte block or is not a multiple of 3"
+    )]
     MaxEntries {
         /// In the node.
         max: u32,
@@ -141,7 +143,10 @@ impl<'a> NodeRef<'a> {
             });
         }
         let max = self.max_entries();
-        if !max.is_multiple_of(3) || vs > BLOCK_SIZE || NODE_HEADER_SIZE + max * (8 + vs) > BLOCK_SIZE {
+        if !max.is_multiple_of(3)
+            || vs > BLOCK_SIZE
+            || NODE_HEADER_SIZE + max * (8 + vs) > BLOCK_SIZE
+        {
             return Err(ShapeFault::MaxEntries {
                 max: max as u32,
                 value_size: vs as u32,
@@ -200,8 +205,7 @@ impl NodeMut<'_> {
         let r = self.as_ref();
         let (n, vs, vo) = (r.nr_entries(), r.value_size(), r.values_offset());
         let ko = NODE_HEADER_SIZE;
-        self.0
-            .copy_within(ko + 8 * i..ko + 8 * n, ko + 8 * (i + 1));
+        self.0.copy_within(ko + 8 * i..ko + 8 * n, ko + 8 * (i + 1));
         self.0
             .copy_within(vo + vs * i..vo + vs * n, vo + vs * (i + 1));
         self.set_nr_entries(n + 1);
@@ -213,8 +217,7 @@ impl NodeMut<'_> {
         let r = self.as_ref();
         let (n, vs, vo) = (r.nr_entries(), r.value_size(), r.values_offset());
         let ko = NODE_HEADER_SIZE;
-        self.0
-            .copy_within(ko + 8 * (i + 1)..ko + 8 * n, ko + 8 * i);
+        self.0.copy_within(ko + 8 * (i + 1)..ko + 8 * n, ko + 8 * i);
         self.0
             .copy_within(vo + vs * (i + 1)..vo + vs * n, vo + vs * i);
         self.set_nr_entries(n - 1);

@@ -104,8 +104,7 @@ impl SpaceMap {
         let e = count.min(3);
         if self.entry(b) != e {
             self.set_entry(b, e);
-            self.dirty_bitmaps
-                .insert((b / ENTRIES_PER_BITMAP) as usize);
+            self.dirty_bitmaps.insert((b / ENTRIES_PER_BITMAP) as usize);
         }
         if count >= 3 || old >= 3 {
             if count >= 3 {

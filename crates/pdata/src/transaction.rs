@@ -287,10 +287,15 @@ impl Transaction {
         check_ptr(data_root.bitmap_root, "the data space map's index tree")?;
         check_ptr(data_root.ref_count_root, "the data ref-count tree")?;
         let mut entries = Vec::new();
-        btree::walk(&mut tx, data_root.bitmap_root, IndexEntry::SIZE, &mut |k, v| {
-            entries.push((k, IndexEntry::decode(v)));
-            Ok(true)
-        })?;
+        btree::walk(
+            &mut tx,
+            data_root.bitmap_root,
+            IndexEntry::SIZE,
+            &mut |k, v| {
+                entries.push((k, IndexEntry::decode(v)));
+                Ok(true)
+            },
+        )?;
         let nr_bitmaps = tx.data_sm.nr_bitmaps();
         if entries.len() != nr_bitmaps
             || entries.iter().enumerate().any(|(i, (k, _))| *k != i as u64)
@@ -480,9 +485,7 @@ impl Transaction {
                 buf.extend_from_slice(&batch[j].1[..]);
                 j += 1;
             }
-            self.reader
-                .dev
-                .write_at(&buf, start * BLOCK_SIZE as u64)?;
+            self.reader.dev.write_at(&buf, start * BLOCK_SIZE as u64)?;
             i = j;
         }
         Ok(())
@@ -498,7 +501,9 @@ impl Transaction {
             )));
         }
         self.data_sm.resize(nr_blocks);
-        self.data_layout.bitmaps.resize(self.data_sm.nr_bitmaps(), 0);
+        self.data_layout
+            .bitmaps
+            .resize(self.data_sm.nr_bitmaps(), 0);
         Ok(())
     }
 
@@ -523,7 +528,9 @@ impl Transaction {
         }
         self.reader.nr_blocks = dev_blocks;
         self.meta_sm.resize(nr_blocks);
-        self.meta_layout.bitmaps.resize(self.meta_sm.nr_bitmaps(), 0);
+        self.meta_layout
+            .bitmaps
+            .resize(self.meta_sm.nr_bitmaps(), 0);
         Ok(())
     }
 

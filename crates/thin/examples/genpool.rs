@@ -11,7 +11,10 @@ use thinpool_thin::{ThinId, ThinMetadata};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let path = std::path::PathBuf::from(args.get(1).expect("usage: genpool META_FILE [ORIGINS] [MAPPINGS]"));
+    let path = std::path::PathBuf::from(
+        args.get(1)
+            .expect("usage: genpool META_FILE [ORIGINS] [MAPPINGS]"),
+    );
     let origins: u32 = args.get(2).map_or(50, |s| s.parse().expect("ORIGINS"));
     let per: u64 = args.get(3).map_or(10_000, |s| s.parse().expect("MAPPINGS"));
     let dev = Arc::new(FileDevice::create(&path, 1 << 30).expect("create metadata file"));
@@ -48,7 +51,12 @@ fn main() {
     let t = md.transaction_id();
     md.set_transaction_id(t, t + 1).unwrap();
     md.commit().unwrap();
-    let mapped: u64 = md.devices().unwrap().iter().map(|(_, d)| d.mapped_blocks).sum();
+    let mapped: u64 = md
+        .devices()
+        .unwrap()
+        .iter()
+        .map(|(_, d)| d.mapped_blocks)
+        .sum();
     eprintln!(
         "{}: {} devices, {} mappings, {} of {} metadata blocks used",
         path.display(),

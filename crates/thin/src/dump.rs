@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use thinpool_io::BlockDevice;
+use thinpool_pdata::BlockKind;
 use thinpool_pdata::block;
 use thinpool_pdata::btree;
 use thinpool_pdata::transaction::BlockReader;
-use thinpool_pdata::BlockKind;
 
 use crate::ir::{self, MetadataVisitor, RunBuilder};
 use crate::metadata::read_superblock;
@@ -70,10 +70,15 @@ where
     })
     .map_err(out)?;
     let mut devices = Vec::new();
-    btree::walk(reader, sb.details_root, DeviceDetails::SIZE, &mut |k, val| {
-        devices.push((k, DeviceDetails::decode(val)));
-        Ok(true)
-    })?;
+    btree::walk(
+        reader,
+        sb.details_root,
+        DeviceDetails::SIZE,
+        &mut |k, val| {
+            devices.push((k, DeviceDetails::decode(val)));
+            Ok(true)
+        },
+    )?;
     for (id, d) in devices {
         let root = btree::lookup_u64(reader, sb.mapping_root, id)?.ok_or_else(|| {
             Error::Inconsistent(format!(

@@ -195,39 +195,48 @@ pub fn ls(dev: Arc<dyn BlockDevice>, fields: &[Field], metadata_snap: bool) -> R
 }
 
 /// Two bits per data block, like `thin_ls`'s mapping set: seen once, seen more than once.
+/// The bit vector grows to the highest data block mapped (not to the pool's size); blocks
+/// beyond the data space map (damage) go to a map.
 struct MappingSet {
-    low: Vec<u8>,
-    high: HashMap<u64, u8>,
+    nr_blocks: u64,
+    words: Vec<u64>,
+    beyond: HashMap<u64, u8>,
 }
 
 impl MappingSet {
     fn new(nr_blocks: u64) -> Self {
-        // Blocks beyond the data space map (damage) go to the map instead of the vector; cap the
-        // vector so that a wild nr_blocks cannot exhaust memory.
-        let n = nr_blocks.min(1 << 32) as usize;
         MappingSet {
-            low: vec![0; n],
-            high: HashMap::new(),
+            nr_blocks,
+            words: Vec::new(),
+            beyond: HashMap::new(),
         }
     }
-    fn slot(&mut self, b: u64) -> &mut u8 {
-        if b < self.low.len() as u64 {
-            &mut self.low[b as usize]
-        } else {
-            self.high.entry(b).or_insert(0)
-        }
-    }
+
     fn inc(&mut self, b: u64) {
-        let s = self.slot(b);
-        *s = (*s + 1).min(2);
+        if b >= self.nr_blocks {
+            let s = self.beyond.entry(b).or_insert(0);
+            *s = (*s + 1).min(2);
+            return;
+        }
+        let w = (b / 32) as usize;
+        if w >= self.words.len() {
+            let want = (w + 1).max(2 * self.words.len());
+            let cap = self.nr_blocks.div_ceil(32) as usize;
+            self.words.resize(want.min(cap).max(w + 1), 0);
+        }
+        let shift = 2 * (b % 32);
+        let v = (self.words[w] >> shift) & 3;
+        let nv = (v + 1).min(2);
+        self.words[w] = (self.words[w] & !(3 << shift)) | (nv << shift);
     }
+
     fn is_exclusive(&self, b: u64) -> bool {
-        let v = if b < self.low.len() as u64 {
-            self.low[b as usize]
-        } else {
-            self.high.get(&b).copied().unwrap_or(0)
-        };
-        v == 1
+        if b >= self.nr_blocks {
+            return self.beyond.get(&b) == Some(&1);
+        }
+        self.words
+            .get((b / 32) as usize)
+            .is_some_and(|w| (w >> (2 * (b % 32))) & 3 == 1)
     }
 }
 
@@ -348,13 +357,12 @@ pub fn human_size(bytes: u64) -> String {
     format!("{n}{}", UNITS[i.min(UNITS.len() - 1)])
 }
 
-
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::walk::testutil::{have, mem, restore, run_on, vector, VECTORS};
+    use crate::walk::testutil::{VECTORS, have, mem, restore, run_on, vector};
 
     const L: [Field; 7] = [
         Field::Dev,
@@ -394,7 +402,9 @@ mod tests {
 
     #[test]
     fn readme_tables() {
-        let Some(img) = vector("snapshots") else { return };
+        let Some(img) = vector("snapshots") else {
+            return;
+        };
         assert_eq!(
             ls(mem(img.clone()), &Field::DEFAULT, false).unwrap(),
             "DEV  MAPPED CREATE_TIME SNAP_TIME \n  1 1024KiB           0         2 \n  2 1280KiB           1         1 \n  3 1088KiB           2         2 \n"
@@ -408,12 +418,16 @@ mod tests {
             ls(mem(img), &Field::DEFAULT, false).unwrap(),
             "DEV MAPPED CREATE_TIME SNAP_TIME \n"
         );
-        let Some(img) = vector("metadata-snap") else { return };
+        let Some(img) = vector("metadata-snap") else {
+            return;
+        };
         assert_eq!(
             ls(mem(img.clone()), &L, true).unwrap(),
             "DEV MAPPED_BLOCKS EXCLUSIVE_BLOCKS SHARED_BLOCKS TRANSACTION CREATE_TIME SNAP_TIME \n  1            16                2            14           0           0         2 \n  2            20                8            12           1           1         1 \n  3            17                1            16           2           2         2 \n"
         );
-        let Some(img) = vector("one-thin") else { return };
+        let Some(img) = vector("one-thin") else {
+            return;
+        };
         let e = ls(mem(img), &L, true).unwrap_err();
         assert_eq!(e.to_string(), "no current metadata snap");
     }
@@ -424,8 +438,18 @@ mod tests {
         for (args, fields, snap, no_headers) in [
             (vec![], Field::DEFAULT.to_vec(), false, false),
             (vec!["-o", all.as_str()], Field::ALL.to_vec(), false, false),
-            (vec!["--no-headers", "-o", all.as_str()], Field::ALL.to_vec(), false, true),
-            (vec!["-m", "-o", all.as_str()], Field::ALL.to_vec(), true, false),
+            (
+                vec!["--no-headers", "-o", all.as_str()],
+                Field::ALL.to_vec(),
+                false,
+                true,
+            ),
+            (
+                vec!["-m", "-o", all.as_str()],
+                Field::ALL.to_vec(),
+                true,
+                false,
+            ),
         ] {
             let o = run_on("thin_ls", &args, img);
             let ours = ls_with(
@@ -438,10 +462,16 @@ mod tests {
             );
             match ours {
                 Ok(text) => {
-                    assert!(o.status.success(), "{what} {args:?}: thin_ls failed, we printed\n{text}");
+                    assert!(
+                        o.status.success(),
+                        "{what} {args:?}: thin_ls failed, we printed\n{text}"
+                    );
                     assert_eq!(text, String::from_utf8_lossy(&o.stdout), "{what} {args:?}");
                 }
-                Err(e) => assert!(!o.status.success(), "{what} {args:?}: we failed ({e}), thin_ls did not"),
+                Err(e) => assert!(
+                    !o.status.success(),
+                    "{what} {args:?}: we failed ({e}), thin_ls did not"
+                ),
             }
         }
     }

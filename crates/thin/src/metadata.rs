@@ -177,10 +177,15 @@ impl ThinMetadata {
             self.tx.read(self.sb.held_root, BlockKind::Superblock)?;
         }
         let mut details = Vec::new();
-        btree::walk(&mut self.tx, self.sb.details_root, DeviceDetails::SIZE, &mut |k, _| {
-            details.push(k);
-            Ok(true)
-        })?;
+        btree::walk(
+            &mut self.tx,
+            self.sb.details_root,
+            DeviceDetails::SIZE,
+            &mut |k, _| {
+                details.push(k);
+                Ok(true)
+            },
+        )?;
         let mut tops = Vec::new();
         btree::walk(&mut self.tx, self.sb.mapping_root, 8, &mut |k, _| {
             tops.push(k);
@@ -269,10 +274,13 @@ impl ThinMetadata {
         if let Some(d) = self.details.get(&id.0) {
             return Ok(Some(*d));
         }
-        Ok(
-            btree::lookup(&mut self.tx, self.sb.details_root, id.0 as u64, DeviceDetails::SIZE)?
-                .map(|v| DeviceDetails::decode(&v)),
-        )
+        Ok(btree::lookup(
+            &mut self.tx,
+            self.sb.details_root,
+            id.0 as u64,
+            DeviceDetails::SIZE,
+        )?
+        .map(|v| DeviceDetails::decode(&v)))
     }
 
     /// Details of a device.
@@ -309,8 +317,14 @@ impl ThinMetadata {
             return Err(Error::DeviceExists(id.0));
         }
         let root = btree::empty_tree(&mut self.tx, 8)?;
-        self.sb.mapping_root =
-            btree::insert(&mut self.tx, self.sb.mapping_root, id.0 as u64, &root.to_le_bytes(), &MAPPINGS)?.0;
+        self.sb.mapping_root = btree::insert(
+            &mut self.tx,
+            self.sb.mapping_root,
+            id.0 as u64,
+            &root.to_le_bytes(),
+            &MAPPINGS,
+        )?
+        .0;
         self.details.insert(
             id.0,
             DeviceDetails {
@@ -329,7 +343,9 @@ impl ThinMetadata {
         if self.details_of(id)?.is_some() {
             return Err(Error::DeviceExists(id.0));
         }
-        let mut od = self.details_of(origin)?.ok_or(Error::NoSuchDevice(origin.0))?;
+        let mut od = self
+            .details_of(origin)?
+            .ok_or(Error::NoSuchDevice(origin.0))?;
         if self.sb.time >= 0xFF_FFFF {
             return Err(Error::InvalidArgument(
                 "the pool's snapshot counter reached 2^24 - 1: mappings keep only 24 bits of time (format spec 11.4)".into(),
@@ -338,8 +354,14 @@ impl ThinMetadata {
         let root = self.device_root(origin)?;
         self.sb.time += 1;
         self.tx.inc_meta(root)?;
-        self.sb.mapping_root =
-            btree::insert(&mut self.tx, self.sb.mapping_root, id.0 as u64, &root.to_le_bytes(), &MAPPINGS)?.0;
+        self.sb.mapping_root = btree::insert(
+            &mut self.tx,
+            self.sb.mapping_root,
+            id.0 as u64,
+            &root.to_le_bytes(),
+            &MAPPINGS,
+        )?
+        .0;
         od.snapshotted_time = self.sb.time;
         self.details.insert(origin.0, od);
         self.details.insert(
@@ -664,7 +686,10 @@ pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
         ("data_mapping_root", sb.mapping_root),
         ("device_details_root", sb.details_root),
         ("metadata space map index", sb.metadata_sm_root.bitmap_root),
-        ("metadata ref-count root", sb.metadata_sm_root.ref_count_root),
+        (
+            "metadata ref-count root",
+            sb.metadata_sm_root.ref_count_root,
+        ),
         ("data space map index", sb.data_sm_root.bitmap_root),
         ("data ref-count root", sb.data_sm_root.ref_count_root),
     ] {

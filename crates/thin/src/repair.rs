@@ -225,7 +225,9 @@ fn scan_node(blk: &[u8], nr_blocks: u64) -> Option<ScanNode> {
         LEAF_NODE => {
             let vs = n.value_size();
             let top_entries = (vs == 8
-                && (0..nr).all(|i| n.key(i) < 1 << 24 && n.value_u64(i) < nr_blocks && n.value_u64(i) != 0))
+                && (0..nr).all(|i| {
+                    n.key(i) < 1 << 24 && n.value_u64(i) < nr_blocks && n.value_u64(i) != 0
+                }))
             .then(|| (0..nr).map(|i| (n.key(i), n.value_u64(i))).collect());
             Some(ScanNode {
                 leaf: true,
@@ -268,6 +270,11 @@ fn allocated_blocks(r: &mut Reader, sb: &Superblock) -> Option<Vec<bool>> {
 // ---------------------------------------------------------------------------------------------
 // Salvage.
 
+/// Device id → details.
+type DetailsMap = BTreeMap<u64, DeviceDetails>;
+/// Device id → bottom-level root.
+type TopLevelMap = BTreeMap<u64, u64>;
+
 /// A device's recovered mappings.
 struct Mappings {
     runs: Vec<Map>,
@@ -275,7 +282,13 @@ struct Mappings {
     max_time: u32,
 }
 
-fn read_mappings(r: &mut Reader, root: u64, dev: u64, nr_data: u64, dropped: &mut u64) -> Result<Mappings> {
+fn read_mappings(
+    r: &mut Reader,
+    root: u64,
+    dev: u64,
+    nr_data: u64,
+    dropped: &mut u64,
+) -> Result<Mappings> {
     let mut m = Mappings {
         runs: Vec::new(),
         count: 0,
@@ -327,9 +340,9 @@ where
     if let Some(sb) = &good_sb {
         match walk::read_details(&mut r, sb.details_root) {
             Ok(d) => details = Some(d),
-            Err(e) => report
-                .notes
-                .push(format!("the device details tree is damaged ({e}); details come from a scan")),
+            Err(e) => report.notes.push(format!(
+                "the device details tree is damaged ({e}); details come from a scan"
+            )),
         }
         match walk::read_top_level(&mut r, sb.mapping_root) {
             Ok(t) => top = Some(t),
@@ -340,9 +353,9 @@ where
         if details.is_none() || top.is_none() {
             let allocated = allocated_blocks(&mut r, sb);
             if allocated.is_none() {
-                report
-                    .notes
-                    .push("the metadata space map is damaged too; the scan looks at every block".into());
+                report.notes.push(
+                    "the metadata space map is damaged too; the scan looks at every block".into(),
+                );
             }
             scan = Some(Scan::run(&r, allocated.as_deref())?);
         }
@@ -399,33 +412,38 @@ where
     let mut dropped = 0u64;
     let mut max_time = 0u32;
     for id in ids {
-        let Ok(id32) = u32::try_from(id).map_err(|_| ()).and_then(|i| {
-            if i < 1 << 24 { Ok(i) } else { Err(()) }
-        }) else {
-            report
-                .skipped
-                .push((id.min(u32::MAX as u64) as u32, format!("device id {id} does not fit in 24 bits")));
+        let Ok(id32) = u32::try_from(id)
+            .map_err(|_| ())
+            .and_then(|i| if i < 1 << 24 { Ok(i) } else { Err(()) })
+        else {
+            report.skipped.push((
+                id.min(u32::MAX as u64) as u32,
+                format!("device id {id} does not fit in 24 bits"),
+            ));
             continue;
         };
         let Some(&root) = top.get(&id) else {
-            report
-                .skipped
-                .push((id32, "no mapping tree (not in the top level of the mapping tree)".into()));
+            report.skipped.push((
+                id32,
+                "no mapping tree (not in the top level of the mapping tree)".into(),
+            ));
             continue;
         };
         let m = match read_mappings(&mut r, root, id, nr_data, &mut dropped) {
             Ok(m) => m,
             Err(e) => {
-                report.skipped.push((id32, format!("its mapping tree is damaged: {e}")));
+                report
+                    .skipped
+                    .push((id32, format!("its mapping tree is damaged: {e}")));
                 continue;
             }
         };
         let d = match details.get(&id) {
             Some(d) => *d,
             None => {
-                report
-                    .notes
-                    .push(format!("device {id} has a mapping tree but no details; times set to 0"));
+                report.notes.push(format!(
+                    "device {id} has a mapping tree but no details; times set to 0"
+                ));
                 DeviceDetails::default()
             }
         };
@@ -435,7 +453,10 @@ where
                 d.mapped_blocks, m.count
             ));
         }
-        max_time = max_time.max(m.max_time).max(d.snapshotted_time).max(d.creation_time);
+        max_time = max_time
+            .max(m.max_time)
+            .max(d.snapshotted_time)
+            .max(d.creation_time);
         devices.push((id32, d, m));
     }
     if dropped > 0 {
@@ -453,7 +474,13 @@ where
         uuid: String::new(),
         time,
         transaction: sb_fields.trans_id,
-        flags: sb_fields.flags & !NEEDS_CHECK,
+        // A repaired pool no longer needs checking; a damaged superblock's flags are not
+        // trusted at all.
+        flags: if good_sb.is_some() {
+            sb_fields.flags & !NEEDS_CHECK
+        } else {
+            0
+        },
         version: if sb_fields.version == 1 { 1 } else { 2 },
         data_block_size: sb_fields.data_block_size,
         nr_data_blocks: nr_data,
@@ -501,9 +528,10 @@ fn guess_superblock(
             .map(|(_, sb)| sb.clone())
     });
     let base = if raw_is_sane(raw) {
-        report
-            .notes
-            .push("superblock fields were taken from the damaged superblock (magic and sizes look right)".into());
+        report.notes.push(
+            "superblock fields were taken from the damaged superblock (magic and sizes look right)"
+                .into(),
+        );
         Some(raw.clone())
     } else if let Some(h) = held {
         report
@@ -547,7 +575,7 @@ fn best_roots(
     prefer: &[u64],
     avoid: &HashSet<u64>,
     report: &mut SalvageReport,
-) -> (Option<BTreeMap<u64, DeviceDetails>>, Option<BTreeMap<u64, u64>>) {
+) -> (Option<DetailsMap>, Option<TopLevelMap>) {
     let blocks: Vec<u64> = {
         let mut v: Vec<u64> = scan.nodes.keys().copied().collect();
         v.sort_unstable();
@@ -572,18 +600,22 @@ fn best_roots(
     let mut details_trees = Vec::new();
     let mut top_trees = Vec::new();
     for &b in &blocks {
-        if scan.class(b, 0) == Class::Details && !details_children.contains(&b) {
-            if let Ok(d) = walk::read_details(r, b) {
-                details_trees.push((b, d));
-            }
+        if scan.class(b, 0) == Class::Details
+            && !details_children.contains(&b)
+            && let Ok(d) = walk::read_details(r, b)
+        {
+            details_trees.push((b, d));
         }
-        if scan.top_like(b, &mut memo, 0) && !top_children.contains(&b) {
-            if let Ok(t) = walk::read_top_level(r, b) {
-                top_trees.push((b, t));
-            }
+        if scan.top_like(b, &mut memo, 0)
+            && !top_children.contains(&b)
+            && let Ok(t) = walk::read_top_level(r, b)
+        {
+            top_trees.push((b, t));
         }
     }
-    let mut best: Option<((usize, usize, usize, i64, usize), usize, usize)> = None;
+    // (hinted by the superblock, not a held copy's, devices in common, -disagreements, size)
+    type Score = (usize, usize, usize, i64, usize);
+    let mut best: Option<(Score, usize, usize)> = None;
     for (di, (db, d)) in details_trees.iter().enumerate() {
         for (ti, (tb, t)) in top_trees.iter().enumerate() {
             let hinted = prefer.iter().filter(|&&p| p == *db || p == *tb).count();
@@ -608,8 +640,14 @@ fn best_roots(
             )
         }
         None => {
-            let d = details_trees.into_iter().max_by_key(|(_, d)| d.len()).map(|(_, d)| d);
-            let t = top_trees.into_iter().max_by_key(|(_, t)| t.len()).map(|(_, t)| t);
+            let d = details_trees
+                .into_iter()
+                .max_by_key(|(_, d)| d.len())
+                .map(|(_, d)| d);
+            let t = top_trees
+                .into_iter()
+                .max_by_key(|(_, t)| t.len())
+                .map(|(_, t)| t);
             (d, t)
         }
     }
@@ -706,7 +744,7 @@ mod tests {
 
     use super::*;
     use crate::dump::{DumpOptions, dump};
-    use crate::walk::testutil::{mem, vector, VECTORS};
+    use crate::walk::testutil::{VECTORS, mem, vector};
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum Ev {
@@ -815,13 +853,18 @@ mod tests {
             let Some(img) = vector(name) else { return };
             let (evs, rep) = salvaged(&img, &SalvageOptions::default());
             assert_eq!(evs, dumped(&img), "{name}");
-            assert!(rep.superblock_ok && rep.skipped.is_empty(), "{name}: {rep:?}");
+            assert!(
+                rep.superblock_ok && rep.skipped.is_empty(),
+                "{name}: {rep:?}"
+            );
         }
     }
 
     #[test]
     fn damaged_bottom_leaf_loses_only_its_device() {
-        let Some(mut img) = vector("many-devices") else { return };
+        let Some(mut img) = vector("many-devices") else {
+            return;
+        };
         let want = dumped(&img);
         // Device 14's bottom tree is a single leaf: find it through the top level.
         let mut r = Reader::new(mem(img.clone())).unwrap();
@@ -834,7 +877,10 @@ mod tests {
         assert_eq!(rep.devices.len(), 299);
         assert_eq!(rep.skipped.len(), 1);
         assert_eq!(rep.skipped[0].0, 14);
-        assert!(rep.skipped[0].1.contains(&format!("metadata block {leaf}")), "{rep:?}");
+        assert!(
+            rep.skipped[0].1.contains(&format!("metadata block {leaf}")),
+            "{rep:?}"
+        );
         // Device 0's three-level tree: damage one of its leaves deep down, re-stamped so only
         // the key order is wrong.
         let mut img2 = vector("many-devices").unwrap();
@@ -869,7 +915,9 @@ mod tests {
         for name in VECTORS {
             let Some(mut img) = vector(name) else { return };
             let want = dumped(&img);
-            let Some(Ev::Sb(sb)) = want.first().cloned() else { panic!() };
+            let Some(Ev::Sb(sb)) = want.first().cloned() else {
+                panic!()
+            };
             block_mut(&mut img, 0).fill(0);
             let mut c = Collect::default();
             let e = salvage(mem(img.clone()), &mut c);
@@ -879,7 +927,10 @@ mod tests {
                 assert!(msg.contains("nr data blocks"), "{msg}");
             } else {
                 let msg = e.unwrap_err().to_string();
-                assert!(msg.contains("transaction id") && msg.contains("data block size"), "{msg}");
+                assert!(
+                    msg.contains("transaction id") && msg.contains("data block size"),
+                    "{msg}"
+                );
             }
             let opts = SalvageOptions {
                 transaction_id: Some(sb.transaction),
@@ -889,7 +940,9 @@ mod tests {
             let (evs, rep) = salvaged(&img, &opts);
             // Devices and mappings as dumped; the time is the latest one seen.
             assert_eq!(evs[1..], want[1..], "{name}: {rep:?}");
-            let Some(Ev::Sb(got)) = evs.first() else { panic!() };
+            let Some(Ev::Sb(got)) = evs.first() else {
+                panic!()
+            };
             assert_eq!(
                 (got.transaction, got.data_block_size, got.nr_data_blocks),
                 (sb.transaction, sb.data_block_size, sb.nr_data_blocks)
@@ -899,7 +952,9 @@ mod tests {
 
     #[test]
     fn damaged_details_and_top_level_trees_come_from_the_scan() {
-        let Some(img) = vector("many-devices") else { return };
+        let Some(img) = vector("many-devices") else {
+            return;
+        };
         let want = dumped(&img);
         let mut r = Reader::new(mem(img.clone())).unwrap();
         let sb = r.superblock().unwrap();

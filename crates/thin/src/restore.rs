@@ -105,7 +105,10 @@ impl MetadataVisitor for Restorer {
             .device
             .ok_or_else(|| Error::Input("a mapping outside any device".into()))?;
         let nr_data = self.md()?.nr_data_blocks();
-        if m.data_begin.checked_add(m.len).is_none_or(|end| end > nr_data) {
+        if m.data_begin
+            .checked_add(m.len)
+            .is_none_or(|end| end > nr_data)
+        {
             return Err(Error::Input(format!(
                 "device {}: mapping of data blocks {}..{} is beyond nr_data_blocks {nr_data}",
                 id.get(),

@@ -142,7 +142,10 @@ impl Superblock {
             ));
         }
         if self.version != 1 && self.version != 2 {
-            return Some(format!("unsupported version {} (1 and 2 are known)", self.version));
+            return Some(format!(
+                "unsupported version {} (1 and 2 are known)",
+                self.version
+            ));
         }
         if self.flags & !NEEDS_CHECK != 0 {
             return Some(format!("unknown flags {:#x}", self.flags));

@@ -74,21 +74,25 @@ pub(crate) fn node_fault(
         let (a, b) = (n.key(i - 1), n.key(i));
         if b <= a {
             return Some((
-                format!("keys out of order: key {i} is {b}, not above key {} ({a})", i - 1),
-                true,
-            ));
-        }
-    }
-    if let Some(pk) = parent_key {
-        if nr > 0 && pk > n.key(0) {
-            return Some((
                 format!(
-                    "the parent's key {pk} is above the node's first key {}",
-                    n.key(0)
+                    "keys out of order: key {i} is {b}, not above key {} ({a})",
+                    i - 1
                 ),
                 true,
             ));
         }
+    }
+    if let Some(pk) = parent_key
+        && nr > 0
+        && pk > n.key(0)
+    {
+        return Some((
+            format!(
+                "the parent's key {pk} is above the node's first key {}",
+                n.key(0)
+            ),
+            true,
+        ));
     }
     None
 }
@@ -161,7 +165,11 @@ impl Reader {
 
     /// The held metadata-snapshot copy of the superblock at `b`.
     pub(crate) fn held_superblock(&mut self, b: u64) -> Result<Superblock> {
-        let blk = self.read(b, BlockKind::Superblock, "held metadata snapshot superblock")?;
+        let blk = self.read(
+            b,
+            BlockKind::Superblock,
+            "held metadata snapshot superblock",
+        )?;
         Ok(Superblock::decode(&blk[..]))
     }
 
@@ -244,15 +252,15 @@ impl Walk<'_> {
         let nr = n.nr_entries();
         if n.is_leaf() {
             if nr > 0 {
-                if let Some(last) = self.last_key {
-                    if n.key(0) <= last {
-                        return Err(Error::Inconsistent(format!(
-                            "{} ({}): first key {} is not above the previous leaf's last key {last}",
-                            MetaBlock(b),
-                            node_role(self.tree, Some(n), is_root),
-                            n.key(0)
-                        )));
-                    }
+                if let Some(last) = self.last_key
+                    && n.key(0) <= last
+                {
+                    return Err(Error::Inconsistent(format!(
+                        "{} ({}): first key {} is not above the previous leaf's last key {last}",
+                        MetaBlock(b),
+                        node_role(self.tree, Some(n), is_root),
+                        n.key(0)
+                    )));
                 }
                 self.last_key = Some(n.key(nr - 1));
             }
@@ -260,17 +268,16 @@ impl Walk<'_> {
         }
         for i in 0..nr {
             self.node(n.value_u64(i), false, Some(n.key(i)), depth + 1, f)?;
-            if i + 1 < nr {
-                if let Some(last) = self.last_key {
-                    if last >= n.key(i + 1) {
-                        return Err(Error::Inconsistent(format!(
-                            "{} ({}): child {i} holds key {last}, not below the next key {}",
-                            MetaBlock(b),
-                            node_role(self.tree, Some(n), is_root),
-                            n.key(i + 1)
-                        )));
-                    }
-                }
+            if i + 1 < nr
+                && let Some(last) = self.last_key
+                && last >= n.key(i + 1)
+            {
+                return Err(Error::Inconsistent(format!(
+                    "{} ({}): child {i} holds key {last}, not below the next key {}",
+                    MetaBlock(b),
+                    node_role(self.tree, Some(n), is_root),
+                    n.key(i + 1)
+                )));
             }
         }
         Ok(())
@@ -317,10 +324,16 @@ pub(crate) fn walk_values(
 /// All devices of the details tree at `root`, in id order.
 pub(crate) fn read_details(r: &mut Reader, root: u64) -> Result<BTreeMap<u64, DeviceDetails>> {
     let mut m = BTreeMap::new();
-    walk_values(r, root, DeviceDetails::SIZE, "device details tree", &mut |k, v| {
-        m.insert(k, DeviceDetails::decode(v));
-        Ok(())
-    })?;
+    walk_values(
+        r,
+        root,
+        DeviceDetails::SIZE,
+        "device details tree",
+        &mut |k, v| {
+            m.insert(k, DeviceDetails::decode(v));
+            Ok(())
+        },
+    )?;
     Ok(m)
 }
 

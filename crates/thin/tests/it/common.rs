@@ -56,7 +56,15 @@ pub fn thin_check(path: &Path) -> (bool, String) {
 
 /// thin_dump output of a file.
 pub fn thin_dump(path: &Path, extra: &[&str]) -> String {
-    let o = Command::new("thin_dump").args(extra).arg(path).output().unwrap();
-    assert!(o.status.success(), "thin_dump failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("thin_dump")
+        .args(extra)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "thin_dump failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }

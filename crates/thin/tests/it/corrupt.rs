@@ -60,14 +60,25 @@ fn vector_bytes(name: &str) -> Vec<u8> {
         "{}/../../../shared/testdata/dm-thin/{name}.meta.gz",
         env!("CARGO_MANIFEST_DIR")
     );
-    let out = std::process::Command::new("gunzip").arg("-c").arg(&path).output().unwrap();
+    let out = std::process::Command::new("gunzip")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "gunzip {path}");
     out.stdout
 }
 
 #[test]
 fn flipped_bytes_in_every_used_block_are_named() {
-    for name in ["empty", "one-thin", "snapshots", "many-devices", "metadata-snap", "shared-root"] {
+    for name in [
+        "empty",
+        "one-thin",
+        "snapshots",
+        "many-devices",
+        "metadata-snap",
+        "shared-root",
+    ] {
         let bytes = vector_bytes(name);
         let rec = Arc::new(Recording {
             inner: MemDevice::from_bytes(bytes.clone()),
@@ -80,22 +91,28 @@ fn flipped_bytes_in_every_used_block_are_named() {
             for offset in [4usize, 20, 100, 3000] {
                 let mut img = bytes.clone();
                 img[b as usize * 4096 + offset] ^= 0x5a;
-                let r = std::panic::catch_unwind(|| {
-                    read_all(Arc::new(MemDevice::from_bytes(img)))
+                let r = std::panic::catch_unwind(|| read_all(Arc::new(MemDevice::from_bytes(img))));
+                let r = r.unwrap_or_else(|_| {
+                    panic!("{name}: panic with block {b} byte {offset} flipped")
                 });
-                let r = r.unwrap_or_else(|_| panic!("{name}: panic with block {b} byte {offset} flipped"));
                 match r {
-                    Ok(n) => panic!("{name}: block {b} byte {offset} flipped went unnoticed ({n} of {clean} mappings read)"),
+                    Ok(n) => panic!(
+                        "{name}: block {b} byte {offset} flipped went unnoticed ({n} of {clean} mappings read)"
+                    ),
                     Err(e) => {
                         let msg = e.to_string();
                         assert!(
-                            msg.contains(&format!("block {b}")) || (b == 0 && msg.contains("superblock")),
+                            msg.contains(&format!("block {b}"))
+                                || (b == 0 && msg.contains("superblock")),
                             "{name}: block {b} byte {offset}: error does not name the block: {msg}"
                         );
                     }
                 }
             }
         }
-        eprintln!("{name}: {} blocks corrupted one byte at a time, each refused", blocks.len());
+        eprintln!(
+            "{name}: {} blocks corrupted one byte at a time, each refused",
+            blocks.len()
+        );
     }
 }

@@ -113,7 +113,10 @@ fn reopen_after_a_crash_gives_the_last_commit() {
         let dev = Arc::new(FaultyDevice::new(META_SIZE));
         dev.fail_after(cut);
         let (_, finished) = workload(dev.clone(), seed, false);
-        assert!(!finished, "cut {cut} of {total_ios} did not interrupt the workload");
+        assert!(
+            !finished,
+            "cut {cut} of {total_ios} did not interrupt the workload"
+        );
         // Count the commits that completed before the cut: their superblocks were synced.
         let image = dev.crash_image(mode, &mut rng);
         let durable = Arc::new(MemDevice::from_bytes(dev.durable_image()));
@@ -133,9 +136,16 @@ fn reopen_after_a_crash_gives_the_last_commit() {
             assert!(committed.is_none());
             continue;
         }
-        ThinMetadata::open(crashed.clone()).unwrap_or_else(|e| {
-            panic!("cut {cut} ({mode:?}): reopen failed: {e}")
-        });
+        ThinMetadata::open(crashed.clone())
+            .unwrap_or_else(|e| panic!("cut {cut} ({mode:?}): reopen failed: {e}"));
+        let report =
+            thinpool_thin::check::check(crashed.clone(), &Default::default(), &mut |_, _| {})
+                .unwrap();
+        assert!(
+            report.errors.is_empty(),
+            "cut {cut} ({mode:?}): meta check of the reopened image:\n{}",
+            report.render()
+        );
         let got = xml_of(crashed).unwrap();
         // The durable state must be one the reference run committed (or nothing yet).
         let k = match &committed {
@@ -150,9 +160,14 @@ fn reopen_after_a_crash_gives_the_last_commit() {
         if Some(&got) != committed.as_ref() {
             seen_new += 1;
         }
-        assert!(ok, "cut {cut} ({mode:?}): reopened state is neither the last commit nor the one in flight");
+        assert!(
+            ok,
+            "cut {cut} ({mode:?}): reopened state is neither the last commit nor the one in flight"
+        );
     }
-    eprintln!("crash test: {points} cuts over {total_ios} I/Os, {seen_new} reopened at the in-flight commit");
+    eprintln!(
+        "crash test: {points} cuts over {total_ios} I/Os, {seen_new} reopened at the in-flight commit"
+    );
 }
 
 fn count_ios(seed: u64) -> u64 {

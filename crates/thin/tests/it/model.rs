@@ -81,7 +81,10 @@ impl Model {
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]
@@ -160,15 +163,28 @@ fn run_case(rng: &mut StdRng, case: u64, nr_ops: u64, oracle: bool) {
                 // A run of writes: new mappings or remaps (copy-on-write style).
                 let id = pick(rng);
                 let tid = ThinId::new(id as u64).unwrap();
-                let len = if rng.random_bool(0.1) { rng.random_range(1..4000) } else { rng.random_range(1..40) };
+                let len = if rng.random_bool(0.1) {
+                    rng.random_range(1..4000)
+                } else {
+                    rng.random_range(1..40)
+                };
                 let start = rng.random_range(0..50_000u64);
                 for v in start..start + len {
                     if total_mappings > 100_000 {
                         break;
                     }
-                    let Some(b) = md.alloc_data_block().unwrap() else { break };
+                    let Some(b) = md.alloc_data_block().unwrap() else {
+                        break;
+                    };
                     md.insert_block(tid, v, b).unwrap();
-                    if live.devs.get_mut(&id).unwrap().map.insert(v, (b, live.time)).is_none() {
+                    if live
+                        .devs
+                        .get_mut(&id)
+                        .unwrap()
+                        .map
+                        .insert(v, (b, live.time))
+                        .is_none()
+                    {
                         total_mappings += 1;
                     }
                 }
@@ -177,7 +193,11 @@ fn run_case(rng: &mut StdRng, case: u64, nr_ops: u64, oracle: bool) {
                 let id = pick(rng);
                 let tid = ThinId::new(id as u64).unwrap();
                 let start = rng.random_range(0..50_000u64);
-                let len = if rng.random_bool(0.2) { rng.random_range(1..8000) } else { rng.random_range(1..20) };
+                let len = if rng.random_bool(0.2) {
+                    rng.random_range(1..8000)
+                } else {
+                    rng.random_range(1..20)
+                };
                 let n = md.remove_range(tid, start, start + len).unwrap();
                 let d = live.devs.get_mut(&id).unwrap();
                 let keys: Vec<u64> = d.map.range(start..start + len).map(|(k, _)| *k).collect();
@@ -195,7 +215,11 @@ fn run_case(rng: &mut StdRng, case: u64, nr_ops: u64, oracle: bool) {
                     let v = rng.random_range(0..50_000u64);
                     let got = md.find_block(tid, v).unwrap();
                     let want = d.map.get(&v);
-                    assert_eq!(got.map(|l| (l.data_block, l.time)), want.copied(), "{ctx}: find_block({id}, {v})");
+                    assert_eq!(
+                        got.map(|l| (l.data_block, l.time)),
+                        want.copied(),
+                        "{ctx}: find_block({id}, {v})"
+                    );
                     if let (Some(l), Some((_, t))) = (got, want) {
                         assert_eq!(l.shared, d.snap_time > *t, "{ctx}: sharing of ({id}, {v})");
                     }
@@ -233,7 +257,14 @@ fn run_case(rng: &mut StdRng, case: u64, nr_ops: u64, oracle: bool) {
         }
     }
     md.commit().unwrap();
-    verify(&m, &md, &live, held.as_ref(), oracle, &format!("case {case} end"));
+    verify(
+        &m,
+        &md,
+        &live,
+        held.as_ref(),
+        oracle,
+        &format!("case {case} end"),
+    );
     eprintln!(
         "case {case}: {} devices, {} mappings, time {}",
         live.devs.len(),
@@ -242,7 +273,14 @@ fn run_case(rng: &mut StdRng, case: u64, nr_ops: u64, oracle: bool) {
     );
 }
 
-fn verify(m: &TempMeta, md: &ThinMetadata, live: &Model, held: Option<&Model>, oracle: bool, ctx: &str) {
+fn verify(
+    m: &TempMeta,
+    md: &ThinMetadata,
+    live: &Model,
+    held: Option<&Model>,
+    oracle: bool,
+    ctx: &str,
+) {
     // Data blocks in use are exactly those some live or held mapping names.
     let mut used = BTreeSet::new();
     live.data_blocks(&mut used);
@@ -253,6 +291,12 @@ fn verify(m: &TempMeta, md: &ThinMetadata, live: &Model, held: Option<&Model>, o
         md.nr_data_blocks() - md.nr_free_data_blocks(),
         used.len() as u64,
         "{ctx}: data blocks in use"
+    );
+    let report = thinpool_thin::check::check(m.dev(), &Default::default(), &mut |_, _| {}).unwrap();
+    assert!(
+        report.errors.is_empty(),
+        "{ctx}: meta check failed:\n{}",
+        report.render()
     );
     if !oracle {
         return;
@@ -266,6 +310,9 @@ fn verify(m: &TempMeta, md: &ThinMetadata, live: &Model, held: Option<&Model>, o
         // thin_dump -m prints the held copy's superblock fields and nr_data_blocks 0.
         let want = h.xml(0, md.data_block_size());
         let got = thin_dump(&m.path, &["-m"]);
-        assert!(got == want, "{ctx}: thin_dump -m differs from the held model\n{got}\n{want}");
+        assert!(
+            got == want,
+            "{ctx}: thin_dump -m differs from the held model\n{got}\n{want}"
+        );
     }
 }

@@ -41,7 +41,11 @@ fn thins_snapshots_and_cow_pass_thin_check() {
     let (ok, out) = thin_check(&m.path);
     assert!(ok, "{out}");
     let dump = thin_dump(&m.path, &[]);
-    assert!(dump.contains("<device dev_id=\"1\" mapped_blocks=\"20000\""), "{}", &dump[..300]);
+    assert!(
+        dump.contains("<device dev_id=\"1\" mapped_blocks=\"20000\""),
+        "{}",
+        &dump[..300]
+    );
     drop(md);
     let mut md = ThinMetadata::open(m.dev()).unwrap();
     assert_eq!(md.devices().unwrap().len(), 1);
@@ -98,7 +102,12 @@ fn growing_data_and_metadata_keeps_the_pool_valid() {
     let mut md = ThinMetadata::open(m.dev()).unwrap();
     assert_eq!(md.nr_metadata_blocks(), 20480);
     assert_eq!(md.nr_free_data_blocks(), 400_000 - 350_000);
-    assert_eq!(md.device_details(ThinId::new(5).unwrap()).unwrap().mapped_blocks, 300_000);
+    assert_eq!(
+        md.device_details(ThinId::new(5).unwrap())
+            .unwrap()
+            .mapped_blocks,
+        300_000
+    );
     let dump = thin_dump(&m.path, &[]);
     assert!(dump.contains("nr_data_blocks=\"400000\""));
 }
