@@ -156,11 +156,20 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             };
             let w = BufWriter::with_capacity(1 << 20, sink);
             let opts = DumpOptions { metadata_snap };
+            // A spinner only when the dump goes to a file (stdout may be the terminal).
+            let bar = progress(output.is_none(), "dumped mappings");
             match format {
-                Format::Xml => run_dump(dev, opts, &mut xml::XmlWriter::new(w)),
-                Format::Json => run_dump(dev, opts, &mut json::JsonWriter::new(w)),
+                Format::Xml => {
+                    run_dump(dev, opts, &mut Counting::new(xml::XmlWriter::new(w), &bar))
+                }
+                Format::Json => run_dump(
+                    dev,
+                    opts,
+                    &mut Counting::new(json::JsonWriter::new(w), &bar),
+                ),
             }
             .with_context(|| format!("dumping {}", metadata.display()))?;
+            bar.finish_and_clear();
             Ok(0)
         }
         MetaCommand::Restore {
@@ -271,9 +280,11 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
                 data_block_size,
                 nr_data_blocks,
             };
+            let bar = progress(false, "repairing");
             let report = repair(open_ro(&input)?, open_rw(&output)?, &opts).with_context(|| {
                 format!("repairing {} into {}", input.display(), output.display())
             })?;
+            bar.finish_and_clear();
             for (dev, why) in &report.skipped {
                 eprintln!("thinpool: device {dev} could not be recovered: {why}");
             }
@@ -315,6 +326,47 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             print!("{report}");
             Ok(0)
         }
+    }
+}
+
+/// Passes events through to `inner`, advancing a progress bar by the mappings seen.
+struct Counting<'a, V> {
+    inner: V,
+    bar: &'a ProgressBar,
+    mappings: u64,
+}
+
+impl<'a, V> Counting<'a, V> {
+    fn new(inner: V, bar: &'a ProgressBar) -> Self {
+        Counting {
+            inner,
+            bar,
+            mappings: 0,
+        }
+    }
+}
+
+impl<V: MetadataVisitor> MetadataVisitor for Counting<'_, V> {
+    type Error = V::Error;
+    fn superblock_b(&mut self, sb: &thinpool_thin::ir::Superblock) -> Result<(), V::Error> {
+        self.inner.superblock_b(sb)
+    }
+    fn superblock_e(&mut self) -> Result<(), V::Error> {
+        self.inner.superblock_e()
+    }
+    fn device_b(&mut self, dev: &thinpool_thin::ir::Device) -> Result<(), V::Error> {
+        self.inner.device_b(dev)
+    }
+    fn device_e(&mut self) -> Result<(), V::Error> {
+        self.bar.set_position(self.mappings);
+        self.inner.device_e()
+    }
+    fn map(&mut self, m: &thinpool_thin::ir::Map) -> Result<(), V::Error> {
+        self.mappings += m.len;
+        self.inner.map(m)
+    }
+    fn eof(&mut self) -> Result<(), V::Error> {
+        self.inner.eof()
     }
 }
 
