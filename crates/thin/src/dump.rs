@@ -97,11 +97,11 @@ where
         let mut err = None;
         btree::walk(reader, root, 8, &mut |k, val| {
             let bt = BlockTime::unpack(block::le_u64(val, 0));
-            if let Some(run) = runs.push(k, bt.block, bt.time) {
-                if let Err(e) = v.map(&run) {
-                    err = Some(e);
-                    return Ok(false);
-                }
+            if let Some(run) = runs.push(k, bt.block, bt.time)
+                && let Err(e) = v.map(&run)
+            {
+                err = Some(e);
+                return Ok(false);
             }
             Ok(true)
         })?;

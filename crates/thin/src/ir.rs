@@ -89,14 +89,13 @@ pub struct RunBuilder {
 impl RunBuilder {
     /// Add one mapping; returns the finished run when this mapping does not extend it.
     pub fn push(&mut self, vblock: u64, data_block: u64, time: u32) -> Option<Map> {
-        if let Some(r) = &mut self.run {
-            if r.origin_begin + r.len == vblock
-                && r.data_begin + r.len == data_block
-                && r.time == time
-            {
-                r.len += 1;
-                return None;
-            }
+        if let Some(r) = &mut self.run
+            && r.origin_begin + r.len == vblock
+            && r.data_begin + r.len == data_block
+            && r.time == time
+        {
+            r.len += 1;
+            return None;
         }
         self.run.replace(Map {
             origin_begin: vblock,

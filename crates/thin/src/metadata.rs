@@ -122,7 +122,7 @@ impl ThinMetadata {
         data_block_size: u32,
         nr_data_blocks: u64,
     ) -> Result<Self> {
-        if data_block_size < 128 || data_block_size > 2_097_152 || data_block_size % 128 != 0 {
+        if !(128..=2_097_152).contains(&data_block_size) || !data_block_size.is_multiple_of(128) {
             return Err(Error::InvalidArgument(format!(
                 "data block size {data_block_size} sectors: must be a multiple of 128 (64 KiB) between 128 and 2097152 (1 GiB)"
             )));

@@ -121,10 +121,10 @@ impl MetadataVisitor for Restorer {
             md.inc_data_block(m.data_begin + i)?;
             md.insert_block_with_time(id, m.origin_begin + i, m.data_begin + i, m.time)?;
             self.mappings += 1;
-            if self.mappings % 65536 == 0 {
-                if let Some(p) = &mut self.progress {
-                    p(self.mappings);
-                }
+            if self.mappings.is_multiple_of(65536)
+                && let Some(p) = &mut self.progress
+            {
+                p(self.mappings);
             }
         }
         Ok(())

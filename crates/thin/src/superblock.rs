@@ -161,7 +161,7 @@ impl Superblock {
         }
         if self.data_block_size < 128
             || self.data_block_size > 2_097_152
-            || self.data_block_size % 128 != 0
+            || !self.data_block_size.is_multiple_of(128)
         {
             return Some(format!(
                 "data block size {} sectors is not a multiple of 128 in 128..=2097152",

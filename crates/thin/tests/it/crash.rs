@@ -169,12 +169,11 @@ fn cut_workload(seed: u64, points: u64, rng: &mut StdRng) -> (u64, u64) {
         // The durable state must be one the reference run committed (or nothing yet). A
         // transaction may change nothing visible, so equal states can follow each other: the
         // last equal one is the one to compare the in-flight commit with.
-        let k = match &committed {
-            Some(c) => Some(states.iter().rposition(|s| s == c).unwrap_or_else(|| {
+        let k = committed.as_ref().map(|c| {
+            states.iter().rposition(|s| s == c).unwrap_or_else(|| {
                 panic!("cut {cut}: the synced image holds a state no commit produced")
-            })),
-            None => None,
-        };
+            })
+        });
         let ok = Some(&got) == committed.as_ref()
             || k.is_some_and(|k| states.get(k + 1) == Some(&got))
             || (committed.is_none() && states.first() == Some(&got));
