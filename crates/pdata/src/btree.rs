@@ -95,14 +95,19 @@ impl NodeSource for Transaction {
 impl NodeSource for BlockReader {
     fn read_node(&mut self, b: u64, value_size: usize) -> Result<Arc<Block>> {
         let blk = self.read(b, BlockKind::Node)?;
-        NodeRef(&blk[..])
-            .check_shape(Some(value_size))
-            .map_err(|fault| Error::Node {
-                block: MetaBlock(b),
-                fault,
-            })?;
-        Ok(blk)
+        checked_node(blk, b, value_size)
     }
+}
+
+/// `blk` (read from block `b`) if its node header has the expected shape.
+pub(crate) fn checked_node(blk: Arc<Block>, b: u64, value_size: usize) -> Result<Arc<Block>> {
+    NodeRef(&blk[..])
+        .check_shape(Some(value_size))
+        .map_err(|fault| Error::Node {
+            block: MetaBlock(b),
+            fault,
+        })?;
+    Ok(blk)
 }
 
 /// Look up `key`; returns a copy of its value.

@@ -22,7 +22,6 @@ use crate::block::{
     BLOCK_SIZE, Block, BlockKind, MetaBlock, le_u32, le_u64, put_u32, put_u64, stamp, validate,
 };
 use crate::btree::{self, PlainValue};
-use crate::node::NodeRef;
 use crate::space_map::{ENTRIES_PER_BITMAP, SpaceMap};
 use crate::{Error, Result};
 
@@ -364,13 +363,7 @@ impl Transaction {
     /// Read a B-tree node and check its shape (value size as expected).
     pub fn read_node(&mut self, b: u64, value_size: usize) -> Result<Arc<Block>> {
         let blk = self.read(b, BlockKind::Node)?;
-        NodeRef(&blk[..])
-            .check_shape(Some(value_size))
-            .map_err(|fault| Error::Node {
-                block: MetaBlock(b),
-                fault,
-            })?;
-        Ok(blk)
+        btree::checked_node(blk, b, value_size)
     }
 
     /// Allocate a fresh metadata block (zeroed buffer of `kind`) in this transaction.

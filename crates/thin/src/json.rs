@@ -173,16 +173,9 @@ impl<W: Write> MetadataVisitor for JsonWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::walk::testutil::vector_xml;
     use crate::xml::read_xml;
     use serde_json::Value;
-    use std::path::PathBuf;
-
-    fn vector_xml(name: &str) -> Vec<u8> {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/testdata/dm-thin")
-            .join(format!("{name}.xml"));
-        std::fs::read(&p).unwrap_or_else(|e| panic!("test vector {}: {e}", p.display()))
-    }
 
     fn json_of(name: &str) -> Value {
         let mut w = JsonWriter::new(Vec::new());

@@ -414,6 +414,12 @@ pub(crate) mod testutil {
         }
     }
 
+    /// The `thin_dump` XML of vector `name`.
+    pub(crate) fn vector_xml(name: &str) -> Vec<u8> {
+        let p = testdata().join(format!("{name}.xml"));
+        std::fs::read(&p).unwrap_or_else(|e| panic!("test vector {}: {e}", p.display()))
+    }
+
     /// An in-memory device holding `bytes`.
     pub(crate) fn mem(bytes: Vec<u8>) -> Arc<dyn BlockDevice> {
         Arc::new(MemDevice::from_bytes(bytes))

@@ -991,23 +991,8 @@ impl fmt::Display for Quoted<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
-    const VECTORS: [&str; 6] = [
-        "empty",
-        "one-thin",
-        "snapshots",
-        "many-devices",
-        "metadata-snap",
-        "shared-root",
-    ];
-
-    fn vector_xml(name: &str) -> Vec<u8> {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/testdata/dm-thin")
-            .join(format!("{name}.xml"));
-        std::fs::read(&p).unwrap_or_else(|e| panic!("test vector {}: {e}", p.display()))
-    }
+    use crate::walk::testutil::{VECTORS, vector_xml};
 
     /// Every event, for comparing streams.
     #[derive(Debug, Clone, PartialEq, Eq)]
