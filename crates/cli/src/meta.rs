@@ -185,7 +185,7 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             let mut restorer =
                 Restorer::new(dev).with_progress(Box::new(move |n| b2.set_position(n)));
             xml::read_xml(BufReader::with_capacity(1 << 20, file), &mut restorer)
-                .map_err(|e| anyhow::anyhow!("{e}"))
+                .map_err(anyhow::Error::new)
                 .with_context(|| {
                     format!("restoring {} onto {}", input.display(), output.display())
                 })?;

@@ -32,11 +32,9 @@ impl FileDevice {
             .read(true)
             .write(write)
             .open(path)
-            .map_err(|source| Error::Io {
+            .map_err(|source| Error::Open {
                 device: name.clone(),
                 op: "open",
-                offset: 0,
-                len: 0,
                 source,
             })?;
         let is_block = file
@@ -66,7 +64,11 @@ impl FileDevice {
             .create(true)
             .truncate(true)
             .open(path)
-            .map_err(|e| io("create", e))?;
+            .map_err(|source| Error::Open {
+                device: name.clone(),
+                op: "create",
+                source,
+            })?;
         file.set_len(size).map_err(|e| io("resize", e))?;
         Ok(Self {
             file,

@@ -32,6 +32,17 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The file or device could not be opened or created.
+    #[error("cannot {op} {device}")]
+    Open {
+        /// The path.
+        device: String,
+        /// "open" or "create".
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An I/O call failed.
     #[error("{op} of {device} at byte {offset} ({len} bytes) failed")]
     Io {

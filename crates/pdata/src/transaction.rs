@@ -185,7 +185,7 @@ pub struct Transaction {
     data_sm: SpaceMap,
     meta_layout: SmLayout,
     data_layout: SmLayout,
-    /// Blocks of trees being deleted whose counts reached zero in this transaction.
+    /// Set when a commit failed part-way: nothing more may be written until reopen.
     poisoned: bool,
 }
 

@@ -4,6 +4,32 @@
 //! writable API ([`metadata::ThinMetadata`]: create thin devices and snapshots, map and unmap
 //! blocks, commit in the kernel's order, metadata snapshots, growing) and holds the logic of the
 //! `thinpool meta` toolbox: dump, restore, check, repair, ls, delta, size.
+//!
+//! - [`superblock`]: the superblock, device details and mapping values;
+//! - [`metadata`]: [`ThinMetadata`], the writable API over `thinpool-pdata`;
+//! - [`ir`]: the event stream between readers and writers of a pool's content, with
+//!   [`xml`] and [`json`] writers, the XML reader, [`dump`] and [`restore`];
+//! - [`check`], [`ls`], [`delta`], [`repair`], [`size`]: the toolbox, each reading metadata
+//!   independently of [`metadata`] so that damaged pools can still be examined.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use thinpool_io::FileDevice;
+//! use thinpool_thin::{ThinId, ThinMetadata};
+//! let path = std::env::temp_dir().join(format!("thin-doc-{}", std::process::id()));
+//! let dev = Arc::new(FileDevice::create(&path, 4 << 20).unwrap());
+//! // 64 KiB data blocks, 1000 of them.
+//! let mut md = ThinMetadata::format(dev, 128, 1000).unwrap();
+//! let origin = ThinId::new(0).unwrap();
+//! md.create_thin(origin).unwrap();
+//! let b = md.alloc_data_block().unwrap().unwrap();
+//! md.insert_block(origin, 7, b).unwrap();
+//! md.create_snap(ThinId::new(1).unwrap(), origin).unwrap();
+//! // The block is now shared: a write to it must copy.
+//! assert!(md.find_block(origin, 7).unwrap().unwrap().shared);
+//! md.commit().unwrap();
+//! std::fs::remove_file(&path).unwrap();
+//! ```
 
 #![forbid(unsafe_code)]
 
