@@ -185,6 +185,8 @@ pub struct Transaction {
     data_sm: SpaceMap,
     meta_layout: SmLayout,
     data_layout: SmLayout,
+    /// Dirty B-tree nodes kept in memory before they are written back early.
+    dirty_limit: usize,
     /// Set when a commit failed part-way: nothing more may be written until reopen.
     poisoned: bool,
 }
@@ -221,6 +223,7 @@ impl Transaction {
             data_sm: SpaceMap::new(nr_data_blocks),
             data_layout: SmLayout::default(),
             poisoned: false,
+            dirty_limit: DIRTY_WRITEBACK,
         };
         tx.data_layout.bitmaps = vec![0; tx.data_sm.nr_bitmaps()];
         tx.meta_layout.ref_count_root = btree::empty_tree(&mut tx, 4)?;
@@ -278,6 +281,7 @@ impl Transaction {
                 ref_count_root: data_root.ref_count_root,
             },
             poisoned: false,
+            dirty_limit: DIRTY_WRITEBACK,
         };
         check_ptr(meta_root.ref_count_root, "the metadata ref-count tree")?;
         let overflow = tx.load_overflow(meta_root.ref_count_root)?;
@@ -440,8 +444,15 @@ impl Transaction {
         Ok(self.meta_sm.count(b))
     }
 
+    /// How many changed blocks stay in memory before new B-tree nodes are written back to the
+    /// device ahead of the commit (default 16384, 64 MiB). Early write-back is safe: those
+    /// blocks are unreachable from the committed superblock.
+    pub fn set_dirty_limit(&mut self, blocks: usize) {
+        self.dirty_limit = blocks.max(1);
+    }
+
     fn maybe_writeback(&mut self) -> Result<()> {
-        if self.dirty.len() < DIRTY_WRITEBACK {
+        if self.dirty.len() < self.dirty_limit {
             return Ok(());
         }
         // Only B-tree nodes are written early; space-map blocks are made during commit.

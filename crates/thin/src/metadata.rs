@@ -651,6 +651,12 @@ impl ThinMetadata {
         Ok(())
     }
 
+    /// How many changed metadata blocks stay in memory before new nodes are written back
+    /// early (see `Transaction::set_dirty_limit`).
+    pub fn set_dirty_limit(&mut self, blocks: usize) {
+        self.tx.set_dirty_limit(blocks);
+    }
+
     /// Number of metadata blocks changed in the open transaction.
     pub fn nr_dirty_blocks(&self) -> usize {
         self.tx.nr_dirty()

@@ -30,6 +30,10 @@ fn workload(dev: Arc<dyn BlockDevice>, seed: u64, record: bool) -> (Vec<String>,
     let Ok(mut md) = ThinMetadata::format(dev.clone(), 128, 20_000) else {
         return (states, false);
     };
+    // Odd workloads write changed nodes back early, between commits.
+    if seed % 2 == 1 {
+        md.set_dirty_limit(8);
+    }
     if record {
         states.push(xml_of(dev.clone()).unwrap());
     }
