@@ -243,6 +243,15 @@ impl Transaction {
                 reader.nr_blocks()
             )));
         }
+        // Every data bitmap needs a metadata block: a larger count is corruption, and would
+        // otherwise make us allocate a huge in-memory map.
+        let data_bitmaps = data_root.nr_blocks.div_ceil(ENTRIES_PER_BITMAP);
+        if data_bitmaps > meta_root.nr_blocks || data_root.nr_blocks >= 1 << 40 {
+            return Err(Error::Inconsistent(format!(
+                "the data space map claims {} blocks ({data_bitmaps} bitmaps), more than {} metadata blocks can describe",
+                data_root.nr_blocks, meta_root.nr_blocks
+            )));
+        }
         // Metadata space map: the index block, then its bitmaps.
         let mut meta_sm = SpaceMap::new(meta_root.nr_blocks);
         let check_ptr = |b: u64, what: &str| -> Result<()> {
