@@ -342,6 +342,46 @@ fn kernel_writes_pool_we_read() {
         }
     }
     assert_eq!(reads, 5 * 19, "READ lines from the guest");
+
+    // The writable API opens the kernel's pool, sees exactly its mappings, and can go on
+    // writing it: a snapshot and a copy-on-write remap, committed, still pass thin_check.
+    {
+        use std::sync::Arc;
+        use thinpool_thin::{ThinId, ThinMetadata};
+        let dev = Arc::new(thinpool_io::FileDevice::open(&meta).expect("open metadata"));
+        let mut md = ThinMetadata::open(dev).expect("ThinMetadata::open of the kernel's pool");
+        let ids: Vec<u32> = md.devices().unwrap().iter().map(|(i, _)| i.get()).collect();
+        assert_eq!(ids, devs, "devices seen by the API");
+        for (dev, d) in &pool.devices {
+            let mut seen = BTreeMap::new();
+            md.mappings(ThinId::new(*dev as u64).unwrap(), 0, &mut |v, b, t| {
+                seen.insert(v, (b, t));
+                true
+            })
+            .unwrap();
+            let want: BTreeMap<u64, (u64, u32)> = d
+                .mappings
+                .iter()
+                .map(|(v, m)| (*v, (m.data_block, m.time)))
+                .collect();
+            assert_eq!(seen, want, "mappings of device {dev} through the API");
+        }
+        let origin = ThinId::new(0).unwrap();
+        md.create_snap(ThinId::new(42).unwrap(), origin).unwrap();
+        let l = md.find_block(origin, 0).unwrap().expect("block 0 mapped");
+        assert!(l.shared, "block 0 is shared after the snapshot");
+        let b = md.alloc_data_block().unwrap().expect("free data block");
+        md.insert_block(origin, 0, b).unwrap();
+        let t = md.transaction_id();
+        md.set_transaction_id(t, t + 1).unwrap();
+        md.commit().unwrap();
+    }
+    run_ok(tool("thin_check").arg(&meta));
+    let check = run(thinpool(["meta", "check"]).arg(&meta));
+    f.check(
+        &format!("meta check after our writes exits {}", check.status),
+        check.status.success(),
+    );
     f.finish();
 }
 
