@@ -189,6 +189,12 @@ impl SpaceMap {
         self.dirty_overflow.clear();
     }
 
+    /// Blocks that were in use at the last commit and are free now (they become reusable with
+    /// the next commit).
+    pub fn freed_in_transaction(&self) -> impl Iterator<Item = u64> + '_ {
+        self.freed.iter().copied()
+    }
+
     /// Bitmaps changed in the open transaction.
     pub fn dirty_bitmaps(&self) -> &BTreeSet<usize> {
         &self.dirty_bitmaps

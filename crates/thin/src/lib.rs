@@ -48,6 +48,7 @@ mod walk;
 pub mod xml;
 
 pub use metadata::{ThinId, ThinMetadata};
+pub use thinpool_pdata::Error as PdataError;
 
 /// Errors of the thin metadata layer.
 #[derive(Debug, thiserror::Error)]

@@ -261,6 +261,15 @@ impl ThinMetadata {
         self.tx.meta_sm().nr_free()
     }
 
+    /// Data blocks that were mapped at the last commit and are free now. After the next commit
+    /// they may be reused; a caller that wants to discard them (punch holes) does it between
+    /// the commit and the next allocation.
+    pub fn freed_data_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.tx.data_sm().freed_in_transaction().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Reference count of a data block.
     pub fn data_block_count(&self, b: u64) -> u32 {
         if b < self.nr_data_blocks() {

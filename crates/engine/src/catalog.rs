@@ -1,0 +1,191 @@
+//! `volumes.json`: what the kernel's metadata does not keep — names, virtual sizes, parents,
+//! kinds (design: "The pool on disk").
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory) and tagged with the
+//! metadata transaction id it describes. Every operation writes the catalog *before* the
+//! metadata commit that makes it real, so that after a crash [`Catalog::reconcile`] can tell an
+//! operation half done and roll it forward or back:
+//!
+//! - an entry whose thin device is not in the metadata: a create/snapshot that never committed
+//!   → dropped;
+//! - an entry marked `removing`: a removal that may or may not have committed → the device is
+//!   deleted if still there, the entry dropped;
+//! - a thin device with no entry (a pool made by the kernel or another tool) → adopted as
+//!   `thin-<id>`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Whether a volume was created empty or as a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    /// An empty thin volume.
+    Thin,
+    /// A snapshot of another volume.
+    Snapshot,
+}
+
+/// One volume in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    pub name: String,
+    pub thin_id: u32,
+    pub size: u64,
+    pub kind: VolumeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub created: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CatalogFile {
+    version: u32,
+    transaction_id: u64,
+    volumes: Vec<Entry>,
+}
+
+/// The catalog in memory, with its file.
+#[derive(Debug)]
+pub(crate) struct Catalog {
+    path: PathBuf,
+    pub transaction_id: u64,
+    pub volumes: BTreeMap<String, Entry>,
+}
+
+impl Catalog {
+    /// Path of the catalog in a pool root.
+    pub fn path_in(root: &Path) -> PathBuf {
+        root.join("volumes.json")
+    }
+
+    /// An empty catalog (not yet written).
+    pub fn new(root: &Path, transaction_id: u64) -> Self {
+        Catalog {
+            path: Self::path_in(root),
+            transaction_id,
+            volumes: BTreeMap::new(),
+        }
+    }
+
+    /// Load the catalog; a missing file is an empty catalog.
+    pub fn load(root: &Path) -> Result<Self> {
+        let path = Self::path_in(root);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Catalog::new(root, 0));
+            }
+            Err(source) => {
+                return Err(Error::File {
+                    what: "reading",
+                    path,
+                    source,
+                });
+            }
+        };
+        let file: CatalogFile = serde_json::from_slice(&text).map_err(|e| Error::Catalog {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if file.version != 1 {
+            return Err(Error::Catalog {
+                path,
+                message: format!("unknown version {}", file.version),
+            });
+        }
+        let mut volumes = BTreeMap::new();
+        for e in file.volumes {
+            if volumes.insert(e.name.clone(), e).is_some() {
+                return Err(Error::Catalog {
+                    path,
+                    message: "a volume name appears twice".into(),
+                });
+            }
+        }
+        Ok(Catalog {
+            path,
+            transaction_id: file.transaction_id,
+            volumes,
+        })
+    }
+
+    /// Write the catalog atomically and durably.
+    pub fn save(&self) -> Result<()> {
+        let file = CatalogFile {
+            version: 1,
+            transaction_id: self.transaction_id,
+            volumes: self.volumes.values().cloned().collect(),
+        };
+        let mut text = serde_json::to_vec_pretty(&file).expect("catalog serializes");
+        text.push(b'\n');
+        let tmp = self.path.with_extension("json.tmp");
+        let io = |what, source| Error::File {
+            what,
+            path: tmp.clone(),
+            source,
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+        f.write_all(&text).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        drop(f);
+        std::fs::rename(&tmp, &self.path).map_err(|source| Error::File {
+            what: "renaming into place",
+            path: self.path.clone(),
+            source,
+        })?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry of a thin id.
+    pub fn by_thin_id(&self, id: u32) -> Option<&Entry> {
+        self.volumes.values().find(|e| e.thin_id == id)
+    }
+
+    /// Number of volumes of each kind (thin, snapshot).
+    pub fn counts(&self) -> (usize, usize) {
+        let snaps = self
+            .volumes
+            .values()
+            .filter(|e| e.kind == VolumeKind::Snapshot)
+            .count();
+        (self.volumes.len() - snaps, snaps)
+    }
+}
+
+/// Check a volume name: 1..=128 bytes of letters, digits, `-`, `_`, `.`, not starting with `.`.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid volume name {name:?}: use 1 to 128 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

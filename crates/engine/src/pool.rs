@@ -1,0 +1,958 @@
+//! [`Pool`]: a pool in a root directory — devices, metadata, catalog, commit timer, status,
+//! growth, and the volume operations (create, snapshot, remove, resize).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+use thinpool_io::{BlockDevice, FileDevice};
+use thinpool_thin::{ThinId, ThinMetadata};
+
+use crate::catalog::{Catalog, Entry, VolumeKind, check_name, now};
+use crate::config::{PoolConfig, PoolOptions};
+use crate::prison::Prison;
+use crate::volume::Volume;
+use crate::{Error, Result};
+
+const SECTOR: u64 = 512;
+
+/// The pool's mode (format spec section 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PoolMode {
+    /// Normal.
+    #[serde(rename = "rw")]
+    Write,
+    /// No free data block: writes that need one wait or fail.
+    #[serde(rename = "out_of_data_space")]
+    OutOfDataSpace,
+    /// Metadata failed or ran out: no metadata changes until repaired or grown.
+    #[serde(rename = "ro")]
+    ReadOnly,
+    /// Every I/O fails.
+    #[serde(rename = "fail")]
+    Fail,
+}
+
+/// The pool's status: the kernel's pool status fields plus ours.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    /// Metadata transaction id.
+    pub transaction_id: u64,
+    /// Used metadata blocks (4 KiB), counting the kernel's reserve as used.
+    pub used_metadata_blocks: u64,
+    /// Metadata blocks.
+    pub total_metadata_blocks: u64,
+    /// Used data blocks.
+    pub used_data_blocks: u64,
+    /// Data blocks.
+    pub total_data_blocks: u64,
+    /// Data block size in bytes.
+    pub block_size: u64,
+    /// Held metadata snapshot root.
+    pub held_root: Option<u64>,
+    /// Mode.
+    pub mode: PoolMode,
+    /// NEEDS_CHECK flag.
+    pub needs_check: bool,
+    /// Writes fail at once when full (else they queue).
+    pub error_if_no_space: bool,
+    /// Freed blocks are punched out of the data device.
+    pub discard_passdown: bool,
+    /// Metadata low watermark (blocks).
+    pub metadata_low_watermark: u64,
+    /// Data device path.
+    pub data_path: PathBuf,
+    /// Metadata device path.
+    pub metadata_path: PathBuf,
+    /// Thin volumes (not snapshots).
+    pub volumes: usize,
+    /// Snapshots.
+    pub snapshots: usize,
+}
+
+impl PoolStatus {
+    /// The kernel's status line (section 14.1, without dmsetup's prefix).
+    pub fn kernel_line(&self) -> String {
+        if self.mode == PoolMode::Fail {
+            return "Fail".into();
+        }
+        format!(
+            "{} {}/{} {}/{} {} {} {} {} {} {}",
+            self.transaction_id,
+            self.used_metadata_blocks,
+            self.total_metadata_blocks,
+            self.used_data_blocks,
+            self.total_data_blocks,
+            self.held_root.map_or("-".to_string(), |h| h.to_string()),
+            match self.mode {
+                PoolMode::Write => "rw",
+                PoolMode::OutOfDataSpace => "out_of_data_space",
+                _ => "ro",
+            },
+            if self.discard_passdown { "discard_passdown" } else { "no_discard_passdown" },
+            if self.error_if_no_space { "error_if_no_space" } else { "queue_if_no_space" },
+            if self.needs_check { "needs_check" } else { "-" },
+            self.metadata_low_watermark
+        )
+    }
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// Thin device id in the metadata.
+    pub thin_id: u32,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Thin or snapshot.
+    pub kind: VolumeKind,
+    /// Origin of a snapshot.
+    pub parent: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Mapped blocks.
+    pub mapped_blocks: u64,
+    /// Highest mapped virtual block.
+    pub highest_mapped_block: Option<u64>,
+}
+
+pub(crate) struct MetaState {
+    pub md: ThinMetadata,
+    pub dirty: bool,
+    pub mode: PoolMode,
+    pub low_water_fired: bool,
+}
+
+/// Per-volume runtime state, shared by its handles.
+pub(crate) struct VolState {
+    pub name: String,
+    pub thin: ThinId,
+    pub size: AtomicU64,
+    /// I/O holds it shared; a snapshot of this volume holds it alone (quiesce).
+    pub quiesce: RwLock<()>,
+    pub handles: AtomicUsize,
+}
+
+pub(crate) struct Inner {
+    pub root: PathBuf,
+    pub data: Arc<dyn BlockDevice>,
+    pub meta_dev: Arc<dyn BlockDevice>,
+    pub data_path: PathBuf,
+    pub metadata_path: PathBuf,
+    pub block_size: u64,
+    pub opts: PoolOptions,
+    pub md: Mutex<MetaState>,
+    /// Signalled when data space may have become available (commit, grow).
+    pub space: Condvar,
+    catalog: Mutex<Catalog>,
+    vols: Mutex<HashMap<u32, Arc<VolState>>>,
+    pub prison: Prison,
+    /// Mappings inserted so far (a commit re-syncs data if one came in during its sync).
+    pub inserts: AtomicU64,
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+    _lock: Option<File>,
+}
+
+/// An open pool. Dropping it commits (errors are logged); [`Pool::close`] reports them.
+pub struct Pool {
+    inner: Arc<Inner>,
+    timer: Option<JoinHandle<()>>,
+}
+
+fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn take_lock(root: &Path) -> Result<File> {
+    let path = root.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(file_err("opening lock file", &path))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(format!(
+            "the pool in {} is in use by another process (lock {} is held)",
+            root.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(file_err("locking", &path)(e)),
+    }
+}
+
+fn check_block_size(bs: u64) -> Result<()> {
+    if bs < 65536 || bs > 1 << 30 || bs % 65536 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "block size {bs} bytes: must be a multiple of 64 KiB between 64 KiB and 1 GiB"
+        )));
+    }
+    Ok(())
+}
+
+/// The device at `path`: created as a sparse file of `size`, or an existing file / block
+/// device linked from `link`.
+fn make_device(link: &Path, given: Option<&Path>, size: u64) -> Result<Arc<dyn BlockDevice>> {
+    match given {
+        None => Ok(Arc::new(FileDevice::create(link, size)?)),
+        Some(p) => {
+            let target = std::fs::canonicalize(p).map_err(file_err("resolving", p))?;
+            std::os::unix::fs::symlink(&target, link).map_err(file_err("linking", link))?;
+            Ok(Arc::new(FileDevice::open(&target)?))
+        }
+    }
+}
+
+impl Pool {
+    /// Create a pool in `root`: sparse data and metadata files (or links to the given
+    /// devices), an empty catalog, and the lock. Refuses a root that already has a pool.
+    pub fn create(root: &Path, cfg: &PoolConfig, opts: PoolOptions) -> Result<Pool> {
+        check_block_size(cfg.block_size)?;
+        if cfg.data_size < cfg.block_size {
+            return Err(Error::InvalidArgument(format!(
+                "data size {} bytes is smaller than one block ({} bytes)",
+                cfg.data_size, cfg.block_size
+            )));
+        }
+        if cfg.metadata_size < 1 << 20 {
+            return Err(Error::InvalidArgument(format!(
+                "metadata size {} bytes: at least 1 MiB is needed",
+                cfg.metadata_size
+            )));
+        }
+        let pool_dir = root.join("pool");
+        std::fs::create_dir_all(&pool_dir).map_err(file_err("creating", &pool_dir))?;
+        let lock = take_lock(root)?;
+        let (data_link, meta_link) = (pool_dir.join("data"), pool_dir.join("metadata"));
+        if meta_link.symlink_metadata().is_ok() || data_link.symlink_metadata().is_ok() {
+            return Err(Error::Exists(format!(
+                "{} already holds a pool (pool/data or pool/metadata exists)",
+                root.display()
+            )));
+        }
+        let meta = make_device(&meta_link, cfg.metadata_path.as_deref(), cfg.metadata_size)?;
+        if cfg.metadata_path.is_some() {
+            let mut first = [0u8; 4096];
+            meta.read_at(&mut first, 0)?;
+            if first.iter().any(|&b| b != 0) {
+                let _ = std::fs::remove_file(&meta_link);
+                return Err(Error::Exists(format!(
+                    "metadata device {} is not blank (its first 4 KiB are not zero): refusing to overwrite it",
+                    meta.name()
+                )));
+            }
+        }
+        let data = make_device(&data_link, cfg.data_path.as_deref(), cfg.data_size)?;
+        Self::create_inner(root, data, meta, cfg.block_size, opts, Some(lock), data_link, meta_link)
+    }
+
+    /// Create a pool on given devices; `root` keeps the catalog and the lock.
+    pub fn create_on(
+        root: &Path,
+        data: Arc<dyn BlockDevice>,
+        metadata: Arc<dyn BlockDevice>,
+        block_size: u64,
+        opts: PoolOptions,
+    ) -> Result<Pool> {
+        check_block_size(block_size)?;
+        std::fs::create_dir_all(root).map_err(file_err("creating", root))?;
+        let lock = take_lock(root)?;
+        let (dp, mp) = (PathBuf::from(data.name()), PathBuf::from(metadata.name()));
+        Self::create_inner(root, data, metadata, block_size, opts, Some(lock), dp, mp)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_inner(
+        root: &Path,
+        data: Arc<dyn BlockDevice>,
+        meta: Arc<dyn BlockDevice>,
+        block_size: u64,
+        opts: PoolOptions,
+        lock: Option<File>,
+        data_path: PathBuf,
+        metadata_path: PathBuf,
+    ) -> Result<Pool> {
+        let nr_data = data.size()? / block_size;
+        let md = ThinMetadata::format(meta.clone(), (block_size / SECTOR) as u32, nr_data)?;
+        let catalog = Catalog::new(root, md.transaction_id());
+        catalog.save()?;
+        tracing::info!(root = %root.display(), nr_data, block_size, "pool created");
+        Ok(Self::start(
+            root, data, meta, block_size, opts, lock, md, catalog, data_path, metadata_path,
+        ))
+    }
+
+    /// Open the pool in `root` (made by `create`, or a root whose `pool/` holds a kernel
+    /// pool's files). Reconciles the catalog with the metadata.
+    pub fn open(root: &Path, opts: PoolOptions) -> Result<Pool> {
+        let pool_dir = root.join("pool");
+        let (data_link, meta_link) = (pool_dir.join("data"), pool_dir.join("metadata"));
+        if !meta_link.exists() {
+            return Err(Error::NotFound(format!(
+                "no pool in {}: {} does not exist (create one with `thinpool pool create`)",
+                root.display(),
+                meta_link.display()
+            )));
+        }
+        if !data_link.exists() {
+            return Err(Error::NotFound(format!(
+                "the pool in {} has no data device: {} does not exist",
+                root.display(),
+                data_link.display()
+            )));
+        }
+        let lock = take_lock(root)?;
+        let meta: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&meta_link)?);
+        let data: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&data_link)?);
+        Self::open_inner(root, data, meta, opts, Some(lock), data_link, meta_link)
+    }
+
+    /// Open a pool on given devices; `root` keeps the catalog and the lock.
+    pub fn open_on(
+        root: &Path,
+        data: Arc<dyn BlockDevice>,
+        metadata: Arc<dyn BlockDevice>,
+        opts: PoolOptions,
+    ) -> Result<Pool> {
+        std::fs::create_dir_all(root).map_err(file_err("creating", root))?;
+        let lock = take_lock(root)?;
+        let (dp, mp) = (PathBuf::from(data.name()), PathBuf::from(metadata.name()));
+        Self::open_inner(root, data, metadata, opts, Some(lock), dp, mp)
+    }
+
+    fn open_inner(
+        root: &Path,
+        data: Arc<dyn BlockDevice>,
+        meta: Arc<dyn BlockDevice>,
+        opts: PoolOptions,
+        lock: Option<File>,
+        data_path: PathBuf,
+        metadata_path: PathBuf,
+    ) -> Result<Pool> {
+        let mut md = ThinMetadata::open(meta.clone())?;
+        let block_size = md.data_block_size() as u64 * SECTOR;
+        let dev_blocks = data.size()? / block_size;
+        if dev_blocks < md.nr_data_blocks() {
+            return Err(Error::InvalidArgument(format!(
+                "data device {} has {} blocks of {} bytes, fewer than the {} the metadata describes",
+                data.name(),
+                dev_blocks,
+                block_size,
+                md.nr_data_blocks()
+            )));
+        }
+        if dev_blocks > md.nr_data_blocks() && !md.needs_check() {
+            // The kernel grows the pool on resume when the data device grew.
+            md.resize_data_dev(dev_blocks)?;
+        }
+        let mut catalog = Catalog::load(root)?;
+        reconcile(&mut md, &mut catalog, block_size, dev_blocks * block_size)?;
+        tracing::info!(root = %root.display(), transaction_id = md.transaction_id(), "pool opened");
+        Ok(Self::start(
+            root, data, meta, block_size, opts, lock, md, catalog, data_path, metadata_path,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        root: &Path,
+        data: Arc<dyn BlockDevice>,
+        meta: Arc<dyn BlockDevice>,
+        block_size: u64,
+        opts: PoolOptions,
+        lock: Option<File>,
+        md: ThinMetadata,
+        catalog: Catalog,
+        data_path: PathBuf,
+        metadata_path: PathBuf,
+    ) -> Pool {
+        let mode = if md.needs_check() {
+            PoolMode::ReadOnly
+        } else {
+            PoolMode::Write
+        };
+        let interval = opts.commit_interval;
+        let inner = Arc::new(Inner {
+            root: root.to_path_buf(),
+            data,
+            meta_dev: meta,
+            data_path,
+            metadata_path,
+            block_size,
+            opts,
+            md: Mutex::new(MetaState {
+                md,
+                dirty: false,
+                mode,
+                low_water_fired: false,
+            }),
+            space: Condvar::new(),
+            catalog: Mutex::new(catalog),
+            vols: Mutex::new(HashMap::new()),
+            prison: Prison::new(),
+            inserts: AtomicU64::new(0),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+            _lock: lock,
+        });
+        let timer = interval.map(|period| {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("thinpool-commit".into())
+                .spawn(move || commit_timer(weak, period))
+                .expect("spawn the commit thread")
+        });
+        Pool { inner, timer }
+    }
+
+    /// The pool's root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Status, after a commit (as the kernel does when its status is read).
+    pub fn status(&self) -> Result<PoolStatus> {
+        self.inner.commit()?;
+        let (volumes, snapshots) = self.inner.catalog().counts();
+        let st = self.inner.md();
+        let md = &st.md;
+        let total_meta = md.nr_metadata_blocks();
+        let reserve = (total_meta / 10).min(4096);
+        let free_meta = md.nr_free_metadata_blocks().saturating_sub(reserve);
+        Ok(PoolStatus {
+            transaction_id: md.transaction_id(),
+            used_metadata_blocks: total_meta - free_meta,
+            total_metadata_blocks: total_meta,
+            used_data_blocks: md.nr_data_blocks() - md.nr_free_data_blocks(),
+            total_data_blocks: md.nr_data_blocks(),
+            block_size: self.inner.block_size,
+            held_root: md.held_root(),
+            mode: st.mode,
+            needs_check: md.needs_check(),
+            error_if_no_space: self.inner.opts.error_if_no_space,
+            discard_passdown: self.inner.opts.discard_passdown,
+            metadata_low_watermark: (total_meta / 4).min(1024),
+            data_path: self.inner.data_path.clone(),
+            metadata_path: self.inner.metadata_path.clone(),
+            volumes,
+            snapshots,
+        })
+    }
+
+    /// Every volume, sorted by name.
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let cat = self.inner.catalog();
+        let mut st = self.inner.md();
+        cat.volumes
+            .values()
+            .filter(|e| !e.removing)
+            .map(|e| info_of(&mut st.md, e))
+            .collect()
+    }
+
+    /// One volume.
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let cat = self.inner.catalog();
+        let e = entry(&cat, name)?;
+        let mut st = self.inner.md();
+        info_of(&mut st.md, e)
+    }
+
+    fn check_free_space(&self, st: &MetaState) -> Result<()> {
+        let md = &st.md;
+        let free_pct = md.nr_free_data_blocks() * 100 / md.nr_data_blocks().max(1);
+        if free_pct < self.inner.opts.min_free_percent as u64 {
+            return Err(Error::NoSpace(format!(
+                "only {free_pct}% of the pool's data blocks are free, below the minimum of {}%: grow the pool (`thinpool pool grow`) or remove volumes",
+                self.inner.opts.min_free_percent
+            )));
+        }
+        Ok(())
+    }
+
+    /// Create an empty volume of `size` bytes.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.add_volume(name, size, None)
+    }
+
+    /// Snapshot `origin` as `name` (O(1)). The origin is quiesced for the moment of the
+    /// snapshot: writes in flight finish first, later ones see the new sharing.
+    pub fn snapshot(&self, origin: &str, name: &str) -> Result<VolumeInfo> {
+        self.add_volume(name, 0, Some(origin))
+    }
+
+    fn add_volume(&self, name: &str, size: u64, origin: Option<&str>) -> Result<VolumeInfo> {
+        check_name(name)?;
+        if origin.is_none() && size == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name}: the size must be more than 0 bytes"
+            )));
+        }
+        let mut cat = self.inner.catalog();
+        if cat.volumes.contains_key(name) {
+            return Err(Error::Exists(format!("a volume named {name} already exists")));
+        }
+        let origin_entry = origin.map(|o| entry(&cat, o).cloned()).transpose()?;
+        let origin_state = origin_entry.as_ref().map(|o| self.inner.vol_state(o));
+        // Quiesce the origin: wait for its in-flight I/O, hold new I/O.
+        let _quiesced = origin_state
+            .as_ref()
+            .map(|v| v.quiesce.write().expect("quiesce lock poisoned"));
+        let mut st = self.inner.md_writable()?;
+        self.check_free_space(&st)?;
+        let used: Vec<u32> = st.md.devices()?.iter().map(|(i, _)| i.get()).collect();
+        let thin_id = (0..=ThinId::MAX)
+            .find(|i| !used.contains(i) && cat.by_thin_id(*i).is_none())
+            .ok_or_else(|| Error::NoSpace("all 2^24 thin device ids are in use".into()))?;
+        let tid = st.md.transaction_id();
+        let size = match &origin_state {
+            Some(o) => o.size.load(Ordering::SeqCst),
+            None => size,
+        };
+        let e = Entry {
+            name: name.to_string(),
+            thin_id,
+            size,
+            kind: if origin.is_some() {
+                VolumeKind::Snapshot
+            } else {
+                VolumeKind::Thin
+            },
+            parent: origin.map(str::to_string),
+            created: now(),
+            removing: false,
+        };
+        // Catalog first (rolled back on open if the metadata commit does not happen).
+        cat.volumes.insert(name.to_string(), e.clone());
+        cat.transaction_id = tid + 1;
+        if let Err(err) = cat.save() {
+            cat.volumes.remove(name);
+            return Err(err);
+        }
+        let id = ThinId::new(thin_id as u64)?;
+        let r = match &origin_entry {
+            Some(o) => st.md.create_snap(id, ThinId::new(o.thin_id as u64)?),
+            None => st.md.create_thin(id),
+        };
+        if let Err(err) = r {
+            cat.volumes.remove(name);
+            cat.transaction_id = tid;
+            let _ = cat.save();
+            return Err(err.into());
+        }
+        st.md.set_transaction_id(tid, tid + 1)?;
+        st.dirty = true;
+        drop(st);
+        self.inner.commit()?;
+        tracing::info!(volume = name, thin_id, size, origin, "volume created");
+        let mut st = self.inner.md();
+        info_of(&mut st.md, &e)
+    }
+
+    /// Remove a volume; its blocks return to the pool. Busy while a handle is open.
+    pub fn remove_volume(&self, name: &str) -> Result<()> {
+        let mut cat = self.inner.catalog();
+        let e = entry(&cat, name)?.clone();
+        {
+            let vols = self.inner.vols.lock().expect("volume table poisoned");
+            if let Some(v) = vols.get(&e.thin_id) {
+                let n = v.handles.load(Ordering::SeqCst);
+                if n > 0 {
+                    return Err(Error::Busy(format!(
+                        "volume {name} is open ({n} handle(s)); close it before removing it"
+                    )));
+                }
+            }
+        }
+        let mut st = self.inner.md_writable()?;
+        let tid = st.md.transaction_id();
+        cat.volumes.get_mut(name).expect("entry looked up above").removing = true;
+        cat.transaction_id = tid + 1;
+        cat.save()?;
+        st.md.delete_thin(ThinId::new(e.thin_id as u64)?)?;
+        st.md.set_transaction_id(tid, tid + 1)?;
+        st.dirty = true;
+        drop(st);
+        self.inner.commit()?;
+        cat.volumes.remove(name);
+        cat.save()?;
+        self.inner
+            .vols
+            .lock()
+            .expect("volume table poisoned")
+            .remove(&e.thin_id);
+        tracing::info!(volume = name, "volume removed");
+        Ok(())
+    }
+
+    /// Change a volume's virtual size. Shrinking unmaps every block past the new end.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
+        if size == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name}: the size must be more than 0 bytes"
+            )));
+        }
+        let mut cat = self.inner.catalog();
+        let e = entry(&cat, name)?.clone();
+        let vs = self.inner.vol_state(&e);
+        let _quiesced = vs.quiesce.write().expect("quiesce lock poisoned");
+        // Catalog first: on reopen, mappings beyond the size are removed (rolled forward).
+        cat.volumes.get_mut(name).expect("looked up above").size = size;
+        cat.save()?;
+        vs.size.store(size, Ordering::SeqCst);
+        if size < e.size {
+            let first = size.div_ceil(self.inner.block_size);
+            let mut st = self.inner.md_writable()?;
+            let n = st
+                .md
+                .remove_range(ThinId::new(e.thin_id as u64)?, first, u64::MAX)?;
+            if n > 0 {
+                st.dirty = true;
+            }
+            // A partial last block keeps its bytes past the end; zero them so a later grow
+            // reads zeros there, as a fresh volume would.
+            drop(st);
+            let tail = size % self.inner.block_size;
+            if tail != 0 {
+                let v = Volume::new(self.inner.clone(), vs.clone());
+                let end = first * self.inner.block_size;
+                vs.size.store(end, Ordering::SeqCst);
+                let r = v.write_zeroes_unquiesced(size, end - size);
+                vs.size.store(size, Ordering::SeqCst);
+                r?;
+            }
+            self.inner.commit()?;
+        }
+        tracing::info!(volume = name, from = e.size, to = size, "volume resized");
+        Ok(())
+    }
+
+    /// A handle for I/O on a volume.
+    pub fn open_volume(&self, name: &str) -> Result<Volume> {
+        let cat = self.inner.catalog();
+        let e = entry(&cat, name)?;
+        let vs = self.inner.vol_state(e);
+        Ok(Volume::new(self.inner.clone(), vs))
+    }
+
+    /// Grow the data and/or metadata device online (bytes; `None` = take the device's
+    /// current size, for block devices grown underneath). Shrinking is refused.
+    pub fn grow(&self, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<()> {
+        let inner = &self.inner;
+        let mut st = inner.md();
+        if st.md.needs_check() {
+            return Err(Error::ReadOnly(
+                "the metadata needs a check (NEEDS_CHECK): run `thinpool meta check` before growing"
+                    .into(),
+            ));
+        }
+        if let Some(size) = metadata_size.or_else(|| inner.meta_dev.size().ok()) {
+            let cur = inner.meta_dev.size()?;
+            if size < st.md.nr_metadata_blocks() * 4096 {
+                return Err(Error::InvalidArgument(format!(
+                    "the metadata device cannot shrink (it is {} bytes)",
+                    st.md.nr_metadata_blocks() * 4096
+                )));
+            }
+            if size > cur {
+                inner.meta_dev.set_size(size)?;
+            }
+            let blocks = size / 4096;
+            if blocks > st.md.nr_metadata_blocks() {
+                st.md.resize_metadata_dev(blocks)?;
+                st.dirty = true;
+            }
+        }
+        if let Some(size) = data_size.or_else(|| inner.data.size().ok()) {
+            let bs = inner.block_size;
+            if size / bs < st.md.nr_data_blocks() {
+                return Err(Error::InvalidArgument(format!(
+                    "the data device cannot shrink (it is {} bytes)",
+                    st.md.nr_data_blocks() * bs
+                )));
+            }
+            if size > inner.data.size()? {
+                inner.data.set_size(size)?;
+            }
+            if size / bs > st.md.nr_data_blocks() {
+                st.md.resize_data_dev(size / bs)?;
+                st.dirty = true;
+            }
+        }
+        if matches!(st.mode, PoolMode::OutOfDataSpace)
+            || (st.mode == PoolMode::ReadOnly && !st.md.needs_check())
+        {
+            st.mode = PoolMode::Write;
+        }
+        st.low_water_fired = false;
+        drop(st);
+        inner.commit()?;
+        inner.space.notify_all();
+        tracing::info!(data_size, metadata_size, "pool grown");
+        Ok(())
+    }
+
+    /// Make everything written so far durable: sync data, commit metadata.
+    pub fn commit(&self) -> Result<()> {
+        self.inner.commit()
+    }
+
+    /// Take a metadata snapshot for live backups (`meta dump --metadata-snap`).
+    pub fn reserve_metadata_snap(&self) -> Result<u64> {
+        self.inner.sync_data()?;
+        let mut st = self.inner.md_writable()?;
+        let h = st.md.reserve_metadata_snap()?;
+        st.dirty = false;
+        Ok(h)
+    }
+
+    /// Drop the metadata snapshot.
+    pub fn release_metadata_snap(&self) -> Result<()> {
+        self.inner.sync_data()?;
+        let mut st = self.inner.md_writable()?;
+        st.md.release_metadata_snap()?;
+        st.dirty = false;
+        Ok(())
+    }
+
+    /// Commit and close, reporting a failure of the last commit.
+    pub fn close(mut self) -> Result<()> {
+        self.stop_timer();
+        self.inner.commit()
+    }
+
+    fn stop_timer(&mut self) {
+        *self.inner.stop.lock().expect("stop flag poisoned") = true;
+        self.inner.stop_cv.notify_all();
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self.timer.is_some() {
+            self.stop_timer();
+        }
+        if let Err(e) = self.inner.commit() {
+            tracing::error!("commit while closing the pool in {} failed: {e}", self.inner.root.display());
+        }
+    }
+}
+
+fn entry<'a>(cat: &'a Catalog, name: &str) -> Result<&'a Entry> {
+    cat.volumes
+        .get(name)
+        .filter(|e| !e.removing)
+        .ok_or_else(|| Error::NotFound(format!("no volume named {name}")))
+}
+
+fn info_of(md: &mut ThinMetadata, e: &Entry) -> Result<VolumeInfo> {
+    let id = ThinId::new(e.thin_id as u64)?;
+    let d = md.device_details(id)?;
+    let mut highest = None;
+    if d.mapped_blocks > 0 {
+        // The last key: walk from an estimate upwards is not possible backwards, so scan.
+        md.mappings(id, 0, &mut |v, _, _| {
+            highest = Some(v);
+            true
+        })?;
+    }
+    Ok(VolumeInfo {
+        name: e.name.clone(),
+        thin_id: e.thin_id,
+        size: e.size,
+        kind: e.kind,
+        parent: e.parent.clone(),
+        created: e.created,
+        mapped_blocks: d.mapped_blocks,
+        highest_mapped_block: highest,
+    })
+}
+
+/// Bring the catalog and the metadata into agreement after open (see `catalog`).
+fn reconcile(md: &mut ThinMetadata, cat: &mut Catalog, block_size: u64, default_size: u64) -> Result<()> {
+    let devices: Vec<u32> = md.devices()?.iter().map(|(i, _)| i.get()).collect();
+    let mut changed_md = false;
+    let mut changed_cat = false;
+    let names: Vec<String> = cat.volumes.keys().cloned().collect();
+    for name in names {
+        let e = cat.volumes[&name].clone();
+        let present = devices.contains(&e.thin_id);
+        if e.removing {
+            if present {
+                md.delete_thin(ThinId::new(e.thin_id as u64)?)?;
+                changed_md = true;
+            }
+            tracing::warn!(volume = %name, "finishing an interrupted removal");
+            cat.volumes.remove(&name);
+            changed_cat = true;
+        } else if !present {
+            tracing::warn!(volume = %name, "dropping a volume whose creation did not commit");
+            cat.volumes.remove(&name);
+            changed_cat = true;
+        } else {
+            let id = ThinId::new(e.thin_id as u64)?;
+            let first = e.size.div_ceil(block_size);
+            if md.remove_range(id, first, u64::MAX)? > 0 {
+                tracing::warn!(volume = %name, "finishing an interrupted shrink");
+                changed_md = true;
+            }
+        }
+    }
+    for id in devices {
+        if cat.by_thin_id(id).is_none() {
+            let name = format!("thin-{id}");
+            tracing::info!(thin_id = id, volume = %name, "adopting a thin device the catalog did not know");
+            let d = md.device_details(ThinId::new(id as u64)?)?;
+            cat.volumes.insert(
+                name.clone(),
+                Entry {
+                    name,
+                    thin_id: id,
+                    size: default_size,
+                    kind: VolumeKind::Thin,
+                    parent: None,
+                    created: now(),
+                    removing: false,
+                },
+            );
+            let _ = d;
+            changed_cat = true;
+        }
+    }
+    let tid = md.transaction_id();
+    if changed_md {
+        md.set_transaction_id(tid, tid + 1)?;
+        md.commit()?;
+    }
+    if changed_cat || cat.transaction_id != md.transaction_id() {
+        cat.transaction_id = md.transaction_id();
+        cat.save()?;
+    }
+    Ok(())
+}
+
+fn commit_timer(weak: Weak<Inner>, period: Duration) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        {
+            let stop = inner.stop.lock().expect("stop flag poisoned");
+            let (stop, _) = inner
+                .stop_cv
+                .wait_timeout(stop, period)
+                .expect("stop flag poisoned");
+            if *stop {
+                return;
+            }
+        }
+        let dirty = inner.md().dirty;
+        if dirty {
+            if let Err(e) = inner.commit() {
+                tracing::error!("periodic commit failed: {e}");
+            }
+        }
+    }
+}
+
+impl Inner {
+    pub fn md(&self) -> MutexGuard<'_, MetaState> {
+        self.md.lock().expect("metadata lock poisoned")
+    }
+
+    fn catalog(&self) -> MutexGuard<'_, Catalog> {
+        self.catalog.lock().expect("catalog lock poisoned")
+    }
+
+    /// The metadata, refusing changes in read-only or fail mode.
+    pub fn md_writable(&self) -> Result<MutexGuard<'_, MetaState>> {
+        let st = self.md();
+        match st.mode {
+            PoolMode::ReadOnly | PoolMode::Fail => Err(Error::ReadOnly(format!(
+                "the pool in {} is read-only{}: no metadata changes",
+                self.root.display(),
+                if st.md.needs_check() {
+                    " (NEEDS_CHECK is set: check the metadata offline)"
+                } else {
+                    " (out of metadata space: grow the metadata device)"
+                }
+            ))),
+            _ => Ok(st),
+        }
+    }
+
+    pub fn vol_state(&self, e: &Entry) -> Arc<VolState> {
+        let mut vols = self.vols.lock().expect("volume table poisoned");
+        vols.entry(e.thin_id)
+            .or_insert_with(|| {
+                Arc::new(VolState {
+                    name: e.name.clone(),
+                    thin: ThinId::new(e.thin_id as u64).expect("catalog ids are < 2^24"),
+                    size: AtomicU64::new(e.size),
+                    quiesce: RwLock::new(()),
+                    handles: AtomicUsize::new(0),
+                })
+            })
+            .clone()
+    }
+
+    pub fn sync_data(&self) -> Result<()> {
+        self.data.sync()?;
+        Ok(())
+    }
+
+    /// Commit (section 9.2): data first, then the metadata; then punch the blocks this
+    /// transaction freed (they cannot be reused before this point, and the committed metadata
+    /// no longer maps them, so a crash cannot expose the hole).
+    pub fn commit(&self) -> Result<()> {
+        let before = self.inserts.load(Ordering::SeqCst);
+        self.data.sync()?;
+        let mut st = self.md();
+        if !st.dirty {
+            return Ok(());
+        }
+        if self.inserts.load(Ordering::SeqCst) != before {
+            // Data written for mappings inserted during the sync: sync again.
+            self.data.sync()?;
+        }
+        let freed = if self.opts.discard_passdown {
+            st.md.freed_data_blocks()
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = st.md.commit() {
+            st.mode = PoolMode::ReadOnly;
+            tracing::error!("metadata commit failed, the pool is now read-only: {e}");
+            return Err(e.into());
+        }
+        st.dirty = false;
+        for b in freed {
+            if st.md.data_block_count(b) == 0 {
+                let bs = self.block_size;
+                if let Err(e) = self.data.punch_hole(b * bs, bs) {
+                    tracing::warn!("punching a hole for freed data block {b} failed: {e}");
+                }
+            }
+        }
+        if st.mode == PoolMode::OutOfDataSpace && st.md.nr_free_data_blocks() > 0 {
+            st.mode = PoolMode::Write;
+        }
+        drop(st);
+        self.space.notify_all();
+        Ok(())
+    }
+}

@@ -1,0 +1,360 @@
+//! [`Volume`]: I/O on one thin volume with the kernel's semantics (format spec section 15).
+//!
+//! A request is split at block boundaries. For each block:
+//!
+//! - read: mapped → read the data block; unmapped → zeros (nothing is allocated);
+//! - write: mapped and not shared → in place; unmapped → allocate, write the whole block (the
+//!   rest zeroed unless zeroing is off), map it; shared (mapped before the device's last
+//!   snapshot) → allocate, copy, apply, remap (copy-on-write);
+//! - discard: whole blocks are unmapped, partial blocks at either end are left alone;
+//! - write-zeroes: whole blocks unmapped, partial blocks zero-filled if mapped;
+//! - flush / FUA: data sync, then metadata commit.
+//!
+//! Data is written before the mapping that points at it is inserted; the commit syncs the
+//! data device before the metadata (section 9.2).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::pool::{Inner, MetaState, PoolMode, VolState};
+use crate::{Error, Result};
+
+/// A handle for I/O on a volume. Cheap to clone; usable from many threads at once.
+pub struct Volume {
+    inner: Arc<Inner>,
+    vs: Arc<VolState>,
+}
+
+impl Clone for Volume {
+    fn clone(&self) -> Self {
+        Volume::new(self.inner.clone(), self.vs.clone())
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.vs.handles.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One block's part of a request.
+struct Piece {
+    vblock: u64,
+    /// Offset inside the block.
+    off: usize,
+    /// Offset inside the request.
+    at: usize,
+    len: usize,
+}
+
+fn pieces(offset: u64, len: u64, bs: u64) -> impl Iterator<Item = Piece> {
+    let mut pos = offset;
+    let end = offset + len;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let vblock = pos / bs;
+        let off = pos % bs;
+        let n = (bs - off).min(end - pos);
+        let p = Piece {
+            vblock,
+            off: off as usize,
+            at: (pos - offset) as usize,
+            len: n as usize,
+        };
+        pos += n;
+        Some(p)
+    })
+}
+
+impl Volume {
+    pub(crate) fn new(inner: Arc<Inner>, vs: Arc<VolState>) -> Self {
+        vs.handles.fetch_add(1, Ordering::SeqCst);
+        Volume { inner, vs }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.vs.name
+    }
+
+    /// Current virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.vs.size.load(Ordering::SeqCst)
+    }
+
+    /// The pool's block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.inner.block_size
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "volume {}: range {offset}+{len} is past its end ({size} bytes)",
+                self.vs.name
+            ))),
+        }
+    }
+
+    fn lookup(&self, vblock: u64) -> Result<Option<thinpool_thin::metadata::Lookup>> {
+        let mut st = self.inner.md();
+        if st.mode == PoolMode::Fail {
+            return Err(Error::ReadOnly("the pool has failed".into()));
+        }
+        Ok(st.md.find_block(self.vs.thin, vblock)?)
+    }
+
+    /// Read `buf.len()` bytes at `offset`. Unmapped blocks read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
+        let bs = self.inner.block_size;
+        for p in pieces(offset, buf.len() as u64, bs) {
+            let _cell = self.inner.prison.shared(self.vs.thin.get(), p.vblock);
+            let out = &mut buf[p.at..p.at + p.len];
+            match self.lookup(p.vblock)? {
+                None => out.fill(0),
+                Some(l) => self.inner.data.read_at(out, l.data_block * bs + p.off as u64)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset` (durable after the next flush or commit).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
+        for p in pieces(offset, data.len() as u64, self.inner.block_size) {
+            self.write_piece(p.vblock, p.off, &data[p.at..p.at + p.len])?;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset` and make it durable before returning (FUA).
+    pub fn write_fua(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.write_at(data, offset)?;
+        self.inner.commit()
+    }
+
+    fn write_piece(&self, vblock: u64, off: usize, piece: &[u8]) -> Result<()> {
+        let bs = self.inner.block_size;
+        let thin = self.vs.thin.get();
+        {
+            // Fast path: an exclusive mapping is written in place.
+            let _cell = self.inner.prison.shared(thin, vblock);
+            if let Some(l) = self.lookup(vblock)?
+                && !l.shared
+            {
+                self.inner.data.write_at(piece, l.data_block * bs + off as u64)?;
+                return Ok(());
+            }
+        }
+        let _cell = self.inner.prison.exclusive(thin, vblock);
+        let old = self.lookup(vblock)?;
+        if let Some(l) = old
+            && !l.shared
+        {
+            self.inner.data.write_at(piece, l.data_block * bs + off as u64)?;
+            return Ok(());
+        }
+        let whole = piece.len() as u64 == bs;
+        let new = self.alloc_block()?;
+        let r = (|| -> Result<()> {
+            let pos = new * bs;
+            if whole {
+                self.inner.data.write_at(piece, pos)?;
+            } else if let Some(l) = old {
+                // Copy-on-write: the old block's bytes around the write.
+                let mut buf = vec![0u8; bs as usize];
+                self.inner.data.read_at(&mut buf, l.data_block * bs)?;
+                buf[off..off + piece.len()].copy_from_slice(piece);
+                self.inner.data.write_at(&buf, pos)?;
+            } else if self.inner.opts.zero_new_blocks {
+                let mut buf = vec![0u8; bs as usize];
+                buf[off..off + piece.len()].copy_from_slice(piece);
+                self.inner.data.write_at(&buf, pos)?;
+            } else {
+                self.inner.data.write_at(piece, pos + off as u64)?;
+            }
+            Ok(())
+        })();
+        let mut st = self.inner.md();
+        if let Err(e) = r {
+            let _ = st.md.release_data_block(new);
+            return Err(e);
+        }
+        if let Err(e) = st.md.insert_block(self.vs.thin, vblock, new) {
+            st.mode = PoolMode::ReadOnly;
+            tracing::error!("inserting a mapping failed, the pool is now read-only: {e}");
+            return Err(e.into());
+        }
+        st.dirty = true;
+        self.inner.inserts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Check that a metadata change can complete: the free metadata blocks (beyond the
+    /// kernel's reserve) must not be exhausted, or the pool goes read-only with a clear error
+    /// instead of failing half-way through a B-tree change (section 16.2).
+    fn metadata_room(&self, st: &mut MetaState) -> Result<()> {
+        let total = st.md.nr_metadata_blocks();
+        let reserve = (total / 10).min(4096).max(16);
+        if st.md.nr_free_metadata_blocks() > reserve {
+            return Ok(());
+        }
+        st.mode = PoolMode::ReadOnly;
+        Err(Error::NoSpace(format!(
+            "the pool's metadata is full ({} of {total} blocks free, {reserve} kept in reserve): grow the metadata device (`thinpool pool grow --metadata-size`)",
+            st.md.nr_free_metadata_blocks()
+        )))
+    }
+
+    /// Allocate a data block, waiting for space (queue mode) or failing at once.
+    fn alloc_block(&self) -> Result<u64> {
+        let start = Instant::now();
+        let mut committed = false;
+        let mut st = self.inner.md_writable()?;
+        loop {
+            if st.mode == PoolMode::ReadOnly || st.mode == PoolMode::Fail {
+                return Err(Error::ReadOnly(
+                    "the pool is read-only: no new blocks can be mapped".into(),
+                ));
+            }
+            if st.md.nr_free_metadata_blocks() <= (st.md.nr_metadata_blocks() / 10).min(4096).max(16)
+                && st.dirty
+                && !committed
+            {
+                // Metadata freed in this transaction becomes usable after a commit.
+                drop(st);
+                self.inner.commit()?;
+                committed = true;
+                st = self.inner.md_writable()?;
+                continue;
+            }
+            self.metadata_room(&mut st)?;
+            if let Some(b) = st.md.alloc_data_block()? {
+                let free = st.md.nr_free_data_blocks();
+                let mark = self.inner.opts.low_water_mark;
+                if mark > 0 && free <= mark && !st.low_water_fired {
+                    st.low_water_fired = true;
+                    tracing::warn!(free, mark, "pool data space below the low-water mark");
+                }
+                return Ok(b);
+            }
+            if st.dirty && !committed {
+                // Blocks freed in this transaction become free after a commit.
+                drop(st);
+                self.inner.commit()?;
+                committed = true;
+                st = self.inner.md_writable()?;
+                continue;
+            }
+            st.mode = PoolMode::OutOfDataSpace;
+            let nr = st.md.nr_data_blocks();
+            let full = || {
+                Error::NoSpace(format!(
+                    "the pool is out of data space (all {nr} blocks in use): grow it with `thinpool pool grow --data-size` or free space"
+                ))
+            };
+            if self.inner.opts.error_if_no_space {
+                return Err(full());
+            }
+            let waited = start.elapsed();
+            let timeout = self.inner.opts.no_space_timeout;
+            if waited >= timeout {
+                return Err(full());
+            }
+            let (guard, _) = self
+                .inner
+                .space
+                .wait_timeout(st, timeout - waited)
+                .expect("metadata lock poisoned");
+            st = guard;
+            committed = false;
+        }
+    }
+
+    /// Unmap the whole blocks inside `offset..offset+len`; partial blocks are left alone
+    /// (as the kernel does). Freed blocks are punched out of the data file at the next commit.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
+        self.unmap_whole_blocks(offset, len)
+    }
+
+    fn unmap_whole_blocks(&self, offset: u64, len: u64) -> Result<()> {
+        let bs = self.inner.block_size;
+        let first = offset.div_ceil(bs);
+        let end = (offset + len) / bs;
+        let thin = self.vs.thin.get();
+        let mut v = first;
+        while v < end {
+            let batch_end = (v + 256).min(end);
+            let _cells: Vec<_> = (v..batch_end)
+                .map(|b| self.inner.prison.exclusive(thin, b))
+                .collect();
+            let mut st = self.inner.md();
+            if st.mode == PoolMode::ReadOnly || st.mode == PoolMode::Fail {
+                return Ok(()); // discards complete without effect in read-only mode
+            }
+            self.metadata_room(&mut st)?;
+            if st.md.remove_range(self.vs.thin, v, batch_end)? > 0 {
+                st.dirty = true;
+            }
+            v = batch_end;
+        }
+        Ok(())
+    }
+
+    /// Make `offset..offset+len` read zeros: whole blocks are unmapped, partial blocks that are
+    /// mapped are zero-filled.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
+        self.write_zeroes_unquiesced(offset, len)
+    }
+
+    pub(crate) fn write_zeroes_unquiesced(&self, offset: u64, len: u64) -> Result<()> {
+        let bs = self.inner.block_size;
+        for p in pieces(offset, len, bs) {
+            if p.len as u64 == bs {
+                continue;
+            }
+            if self.lookup(p.vblock)?.is_some() {
+                self.write_piece(p.vblock, p.off, &vec![0u8; p.len])?;
+            }
+        }
+        self.unmap_whole_blocks(offset, len)
+    }
+
+    /// Make everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.commit()
+    }
+
+    /// The mapped byte ranges inside `offset..offset+len`, merged, as `(offset, length)`.
+    pub fn mapped_extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.check_range(offset, len)?;
+        let bs = self.inner.block_size;
+        let end = offset + len;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut st = self.inner.md();
+        st.md.mappings(self.vs.thin, offset / bs, &mut |v, _, _| {
+            let (s, e) = ((v * bs).max(offset), ((v + 1) * bs).min(end));
+            if s >= end {
+                return false;
+            }
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == s => *l += e - s,
+                _ => out.push((s, e - s)),
+            }
+            true
+        })?;
+        Ok(out)
+    }
+}
