@@ -956,3 +956,75 @@ impl Inner {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> PoolConfig {
+        PoolConfig {
+            data_size: 16 << 20,
+            metadata_size: 4 << 20,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn write_snapshot_cow_discard_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = PoolOptions {
+            commit_interval: None,
+            ..Default::default()
+        };
+        let pool = Pool::create(dir.path(), &small(), opts.clone()).unwrap();
+        assert_eq!(
+            Pool::open(dir.path(), opts.clone()).err().map(|e| e.kind()),
+            Some(crate::ErrorKind::Busy)
+        );
+        pool.create_volume("a", 4 << 20).unwrap();
+        let a = pool.open_volume("a").unwrap();
+        a.write_at(&[1u8; 100_000], 1000).unwrap();
+        pool.snapshot("a", "s").unwrap();
+        a.write_at(&[2u8; 10], 5000).unwrap();
+        let s = pool.open_volume("s").unwrap();
+        let mut buf = vec![0u8; 20];
+        s.read_at(&mut buf, 4995).unwrap();
+        assert_eq!(buf, [1u8; 20]);
+        a.read_at(&mut buf, 4995).unwrap();
+        assert_eq!(&buf[..5], &[1u8; 5]);
+        assert_eq!(&buf[5..15], &[2u8; 10]);
+        // Discard: the whole block 1 (64 KiB..128 KiB) unmapped, partial block 0 kept.
+        a.discard(60_000, 80_000).unwrap();
+        let mut b2 = vec![9u8; 4];
+        a.read_at(&mut b2, 70_000).unwrap();
+        assert_eq!(b2, [0u8; 4]);
+        a.read_at(&mut b2, 60_000).unwrap();
+        assert_eq!(b2, [1u8; 4]);
+        assert_eq!(a.mapped_extents(0, 4 << 20).unwrap(), vec![(0, 65536)]);
+        assert_eq!(
+            pool.remove_volume("a").err().map(|e| e.kind()),
+            Some(crate::ErrorKind::Busy)
+        );
+        drop(a);
+        drop(s);
+        pool.close().unwrap();
+        let pool = Pool::open(dir.path(), opts).unwrap();
+        let names: Vec<String> = pool.volumes().unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["a", "s"]);
+        let s = pool.open_volume("s").unwrap();
+        s.read_at(&mut b2, 70_000).unwrap();
+        assert_eq!(b2, [1u8; 4]);
+        drop(s);
+        pool.remove_volume("a").unwrap();
+        let st = pool.status().unwrap();
+        assert_eq!(st.volumes + st.snapshots, 1);
+        assert!(st.kernel_line().contains("rw discard_passdown queue_if_no_space"));
+        pool.close().unwrap();
+        let out = std::process::Command::new("thin_check")
+            .arg(dir.path().join("pool/metadata"))
+            .output();
+        if let Ok(out) = out {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
