@@ -5,7 +5,11 @@
 //!   vectors and on random pools (seed printed; `THINPOOL_TEST_SEED`, `THINPOOL_TEST_CASES`).
 //! - `kernel`: pools exchanged with the Linux kernel's dm-thin, booted in a VM.
 //! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
+//! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
+//!   out compared byte for byte; `thin_check` on what they leave.
 
+mod cli_pool;
+mod engine_kernel;
 mod kernel;
 mod kernel_api;
 mod oracle;
