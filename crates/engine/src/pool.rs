@@ -94,8 +94,16 @@ impl PoolStatus {
                 PoolMode::OutOfDataSpace => "out_of_data_space",
                 _ => "ro",
             },
-            if self.discard_passdown { "discard_passdown" } else { "no_discard_passdown" },
-            if self.error_if_no_space { "error_if_no_space" } else { "queue_if_no_space" },
+            if self.discard_passdown {
+                "discard_passdown"
+            } else {
+                "no_discard_passdown"
+            },
+            if self.error_if_no_space {
+                "error_if_no_space"
+            } else {
+                "queue_if_no_space"
+            },
             if self.needs_check { "needs_check" } else { "-" },
             self.metadata_low_watermark
         )
@@ -256,7 +264,16 @@ impl Pool {
             }
         }
         let data = make_device(&data_link, cfg.data_path.as_deref(), cfg.data_size)?;
-        Self::create_inner(root, data, meta, cfg.block_size, opts, Some(lock), data_link, meta_link)
+        Self::create_inner(
+            root,
+            data,
+            meta,
+            cfg.block_size,
+            opts,
+            Some(lock),
+            data_link,
+            meta_link,
+        )
     }
 
     /// Create a pool on given devices; `root` keeps the catalog and the lock.
@@ -291,7 +308,16 @@ impl Pool {
         catalog.save()?;
         tracing::info!(root = %root.display(), nr_data, block_size, "pool created");
         Ok(Self::start(
-            root, data, meta, block_size, opts, lock, md, catalog, data_path, metadata_path,
+            root,
+            data,
+            meta,
+            block_size,
+            opts,
+            lock,
+            md,
+            catalog,
+            data_path,
+            metadata_path,
         ))
     }
 
@@ -362,7 +388,16 @@ impl Pool {
         reconcile(&mut md, &mut catalog, block_size, dev_blocks * block_size)?;
         tracing::info!(root = %root.display(), transaction_id = md.transaction_id(), "pool opened");
         Ok(Self::start(
-            root, data, meta, block_size, opts, lock, md, catalog, data_path, metadata_path,
+            root,
+            data,
+            meta,
+            block_size,
+            opts,
+            lock,
+            md,
+            catalog,
+            data_path,
+            metadata_path,
         ))
     }
 
@@ -503,7 +538,9 @@ impl Pool {
         }
         let mut cat = self.inner.catalog();
         if cat.volumes.contains_key(name) {
-            return Err(Error::Exists(format!("a volume named {name} already exists")));
+            return Err(Error::Exists(format!(
+                "a volume named {name} already exists"
+            )));
         }
         let origin_entry = origin.map(|o| entry(&cat, o).cloned()).transpose()?;
         let origin_state = origin_entry.as_ref().map(|o| self.inner.vol_state(o));
@@ -579,7 +616,10 @@ impl Pool {
         }
         let mut st = self.inner.md_writable()?;
         let tid = st.md.transaction_id();
-        cat.volumes.get_mut(name).expect("entry looked up above").removing = true;
+        cat.volumes
+            .get_mut(name)
+            .expect("entry looked up above")
+            .removing = true;
         cat.transaction_id = tid + 1;
         cat.save()?;
         st.md.delete_thin(ThinId::new(e.thin_id as u64)?)?;
@@ -749,7 +789,10 @@ impl Drop for Pool {
             self.stop_timer();
         }
         if let Err(e) = self.inner.commit() {
-            tracing::error!("commit while closing the pool in {} failed: {e}", self.inner.root.display());
+            tracing::error!(
+                "commit while closing the pool in {} failed: {e}",
+                self.inner.root.display()
+            );
         }
     }
 }
@@ -785,7 +828,12 @@ fn info_of(md: &mut ThinMetadata, e: &Entry) -> Result<VolumeInfo> {
 }
 
 /// Bring the catalog and the metadata into agreement after open (see `catalog`).
-fn reconcile(md: &mut ThinMetadata, cat: &mut Catalog, block_size: u64, default_size: u64) -> Result<()> {
+fn reconcile(
+    md: &mut ThinMetadata,
+    cat: &mut Catalog,
+    block_size: u64,
+    default_size: u64,
+) -> Result<()> {
     let devices: Vec<u32> = md.devices()?.iter().map(|(i, _)| i.get()).collect();
     let mut changed_md = false;
     let mut changed_cat = false;
@@ -1009,7 +1057,12 @@ mod tests {
         drop(s);
         pool.close().unwrap();
         let pool = Pool::open(dir.path(), opts).unwrap();
-        let names: Vec<String> = pool.volumes().unwrap().into_iter().map(|v| v.name).collect();
+        let names: Vec<String> = pool
+            .volumes()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         assert_eq!(names, ["a", "s"]);
         let s = pool.open_volume("s").unwrap();
         s.read_at(&mut b2, 70_000).unwrap();
@@ -1018,13 +1071,20 @@ mod tests {
         pool.remove_volume("a").unwrap();
         let st = pool.status().unwrap();
         assert_eq!(st.volumes + st.snapshots, 1);
-        assert!(st.kernel_line().contains("rw discard_passdown queue_if_no_space"));
+        assert!(
+            st.kernel_line()
+                .contains("rw discard_passdown queue_if_no_space")
+        );
         pool.close().unwrap();
         let out = std::process::Command::new("thin_check")
             .arg(dir.path().join("pool/metadata"))
             .output();
         if let Ok(out) = out {
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

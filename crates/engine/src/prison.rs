@@ -40,7 +40,8 @@ impl Prison {
     }
 
     fn shard(&self, key: (u32, u64)) -> &Shard {
-        let h = (key.0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ key.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let h = (key.0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ key.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         &self.shards[(h >> 58) as usize % SHARDS]
     }
 

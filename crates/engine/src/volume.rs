@@ -119,7 +119,10 @@ impl Volume {
             let out = &mut buf[p.at..p.at + p.len];
             match self.lookup(p.vblock)? {
                 None => out.fill(0),
-                Some(l) => self.inner.data.read_at(out, l.data_block * bs + p.off as u64)?,
+                Some(l) => self
+                    .inner
+                    .data
+                    .read_at(out, l.data_block * bs + p.off as u64)?,
             }
         }
         Ok(())
@@ -150,7 +153,9 @@ impl Volume {
             if let Some(l) = self.lookup(vblock)?
                 && !l.shared
             {
-                self.inner.data.write_at(piece, l.data_block * bs + off as u64)?;
+                self.inner
+                    .data
+                    .write_at(piece, l.data_block * bs + off as u64)?;
                 return Ok(());
             }
         }
@@ -159,7 +164,9 @@ impl Volume {
         if let Some(l) = old
             && !l.shared
         {
-            self.inner.data.write_at(piece, l.data_block * bs + off as u64)?;
+            self.inner
+                .data
+                .write_at(piece, l.data_block * bs + off as u64)?;
             return Ok(());
         }
         let whole = piece.len() as u64 == bs;
@@ -225,7 +232,8 @@ impl Volume {
                     "the pool is read-only: no new blocks can be mapped".into(),
                 ));
             }
-            if st.md.nr_free_metadata_blocks() <= (st.md.nr_metadata_blocks() / 10).min(4096).max(16)
+            if st.md.nr_free_metadata_blocks()
+                <= (st.md.nr_metadata_blocks() / 10).min(4096).max(16)
                 && st.dirty
                 && !committed
             {
