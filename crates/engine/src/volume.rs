@@ -109,21 +109,51 @@ impl Volume {
         Ok(st.md.find_block(self.vs.thin, vblock)?)
     }
 
-    /// Read `buf.len()` bytes at `offset`. Unmapped blocks read as zeros.
+    /// Read `buf.len()` bytes at `offset`. Unmapped blocks read as zeros. The blocks of one
+    /// request are looked up together and contiguous data blocks are read with one call.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         let bs = self.inner.block_size;
-        for p in pieces(offset, buf.len() as u64, bs) {
-            let _cell = self.inner.prison.shared(self.vs.thin.get(), p.vblock);
-            let out = &mut buf[p.at..p.at + p.len];
-            match self.lookup(p.vblock)? {
-                None => out.fill(0),
-                Some(l) => self
-                    .inner
-                    .data
-                    .read_at(out, l.data_block * bs + p.off as u64)?,
+        let thin = self.vs.thin.get();
+        let pieces: Vec<Piece> = pieces(offset, buf.len() as u64, bs).collect();
+        // Cells in ascending order (as every multi-block locker takes them): no deadlock.
+        let _cells: Vec<_> = pieces
+            .iter()
+            .map(|p| self.inner.prison.shared(thin, p.vblock))
+            .collect();
+        let mapped: Vec<Option<u64>> = {
+            let mut st = self.inner.md();
+            if st.mode == PoolMode::Fail {
+                return Err(Error::ReadOnly("the pool has failed".into()));
             }
+            pieces
+                .iter()
+                .map(|p| {
+                    Ok(st
+                        .md
+                        .find_block(self.vs.thin, p.vblock)?
+                        .map(|l| l.data_block))
+                })
+                .collect::<Result<_>>()?
+        };
+        let mut i = 0;
+        while i < pieces.len() {
+            let p = &pieces[i];
+            let Some(d) = mapped[i] else {
+                buf[p.at..p.at + p.len].fill(0);
+                i += 1;
+                continue;
+            };
+            // Extend over following pieces that continue in the next data block.
+            let mut j = i + 1;
+            while j < pieces.len() && mapped[j] == Some(d + (j - i) as u64) {
+                j += 1;
+            }
+            let last = &pieces[j - 1];
+            let out = &mut buf[p.at..last.at + last.len];
+            self.inner.data.read_at(out, d * bs + p.off as u64)?;
+            i = j;
         }
         Ok(())
     }
