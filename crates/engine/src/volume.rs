@@ -212,9 +212,11 @@ impl Volume {
                 buf[off..off + piece.len()].copy_from_slice(piece);
                 self.inner.data.write_at(&buf, pos)?;
             } else if self.inner.opts.zero_new_blocks {
-                let mut buf = vec![0u8; bs as usize];
-                buf[off..off + piece.len()].copy_from_slice(piece);
-                self.inner.data.write_at(&buf, pos)?;
+                // Zero the new block by deallocating it (a sparse file reads zeros there; a
+                // block device gets zeros written), then write the piece: far fewer bytes
+                // than writing a whole zero-filled block for a small write.
+                self.inner.data.punch_hole(pos, bs)?;
+                self.inner.data.write_at(piece, pos + off as u64)?;
             } else {
                 self.inner.data.write_at(piece, pos + off as u64)?;
             }
