@@ -4,6 +4,11 @@
 #![forbid(unsafe_code)]
 
 mod meta;
+mod pool;
+mod size;
+mod vol;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -12,14 +17,37 @@ use clap::{Parser, Subcommand};
 #[command(name = "thinpool", version, about, propagate_version = true)]
 struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(
+        short,
+        long,
+        action = clap::ArgAction::Count,
+        global = true,
+        help_heading = "Global options"
+    )]
     verbose: u8,
+    /// Folder holding the pool (pool/data, pool/metadata, volumes.json, lock). Default:
+    /// /var/lib/thinpool when run as root, else $XDG_DATA_HOME/thinpool
+    /// (~/.local/share/thinpool).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "THINPOOL_ROOT",
+        help_heading = "Global options"
+    )]
+    root: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a pool, show its status, grow it.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
+    /// Thin volumes and snapshots: create, snapshot, ls, resize, rm, import, export.
+    #[command(subcommand)]
+    Vol(vol::VolCommand),
     /// Metadata toolbox: check, dump, restore, repair, ls, delta, size (like
     /// thin-provisioning-tools), on a metadata file or block device.
     #[command(subcommand)]
@@ -40,7 +68,10 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let root = cli.root.unwrap_or_else(thinpool_engine::default_root);
     let code = match cli.command {
+        Command::Pool(cmd) => pool::run(&root, cmd),
+        Command::Vol(cmd) => vol::run(&root, cmd),
         Command::Meta(cmd) => meta::run(cmd),
     };
     match code {
@@ -58,5 +89,17 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pool_and_vol_definitions_are_consistent() {
+        use clap::CommandFactory;
+        let cli = super::Cli::command();
+        for name in ["pool", "vol"] {
+            cli.find_subcommand(name)
+                .unwrap_or_else(|| panic!("subcommand {name} exists"))
+                .clone()
+                .debug_assert();
+        }
     }
 }

@@ -203,7 +203,7 @@ fn take_lock(root: &Path) -> Result<File> {
 }
 
 fn check_block_size(bs: u64) -> Result<()> {
-    if bs < 65536 || bs > 1 << 30 || bs % 65536 != 0 {
+    if !(65536..=1 << 30).contains(&bs) || !bs.is_multiple_of(65536) {
         return Err(Error::InvalidArgument(format!(
             "block size {bs} bytes: must be a multiple of 64 KiB between 64 KiB and 1 GiB"
         )));
@@ -257,23 +257,32 @@ impl Pool {
             meta.read_at(&mut first, 0)?;
             if first.iter().any(|&b| b != 0) {
                 let _ = std::fs::remove_file(&meta_link);
+                let _ = std::fs::remove_dir(&pool_dir);
                 return Err(Error::Exists(format!(
                     "metadata device {} is not blank (its first 4 KiB are not zero): refusing to overwrite it",
                     meta.name()
                 )));
             }
         }
-        let data = make_device(&data_link, cfg.data_path.as_deref(), cfg.data_size)?;
-        Self::create_inner(
-            root,
-            data,
-            meta,
-            cfg.block_size,
-            opts,
-            Some(lock),
-            data_link,
-            meta_link,
-        )
+        let made =
+            make_device(&data_link, cfg.data_path.as_deref(), cfg.data_size).and_then(|data| {
+                Self::create_inner(
+                    root,
+                    data,
+                    meta,
+                    cfg.block_size,
+                    opts,
+                    Some(lock),
+                    data_link.clone(),
+                    meta_link.clone(),
+                )
+            });
+        if made.is_err() {
+            // Leave nothing half made behind.
+            let _ = std::fs::remove_file(&data_link);
+            let _ = std::fs::remove_file(&meta_link);
+        }
+        made
     }
 
     /// Create a pool on given devices; `root` keeps the catalog and the lock.
@@ -902,17 +911,15 @@ fn commit_timer(weak: Weak<Inner>, period: Duration) {
             let stop = inner.stop.lock().expect("stop flag poisoned");
             let (stop, _) = inner
                 .stop_cv
-                .wait_timeout(stop, period)
+                .wait_timeout_while(stop, period, |stop| !*stop)
                 .expect("stop flag poisoned");
             if *stop {
                 return;
             }
         }
         let dirty = inner.md().dirty;
-        if dirty {
-            if let Err(e) = inner.commit() {
-                tracing::error!("periodic commit failed: {e}");
-            }
+        if dirty && let Err(e) = inner.commit() {
+            tracing::error!("periodic commit failed: {e}");
         }
     }
 }

@@ -69,6 +69,12 @@ fn pieces(offset: u64, len: u64, bs: u64) -> impl Iterator<Item = Piece> {
     })
 }
 
+/// Metadata blocks kept free for commits and B-tree splits: the kernel's reserve
+/// (min(4096, total / 10)), at least 16.
+fn metadata_reserve(total: u64) -> u64 {
+    (total / 10).clamp(16, 4096)
+}
+
 impl Volume {
     pub(crate) fn new(inner: Arc<Inner>, vs: Arc<VolState>) -> Self {
         vs.handles.fetch_add(1, Ordering::SeqCst);
@@ -242,7 +248,7 @@ impl Volume {
     /// instead of failing half-way through a B-tree change (section 16.2).
     fn metadata_room(&self, st: &mut MetaState) -> Result<()> {
         let total = st.md.nr_metadata_blocks();
-        let reserve = (total / 10).min(4096).max(16);
+        let reserve = metadata_reserve(total);
         if st.md.nr_free_metadata_blocks() > reserve {
             return Ok(());
         }
@@ -264,8 +270,7 @@ impl Volume {
                     "the pool is read-only: no new blocks can be mapped".into(),
                 ));
             }
-            if st.md.nr_free_metadata_blocks()
-                <= (st.md.nr_metadata_blocks() / 10).min(4096).max(16)
+            if st.md.nr_free_metadata_blocks() <= metadata_reserve(st.md.nr_metadata_blocks())
                 && st.dirty
                 && !committed
             {

@@ -1,0 +1,261 @@
+//! `thinpool pool …`: create a pool, show its status, grow it. Each command is one call into
+//! `thinpool-engine`; this module only turns flags into a `PoolConfig` and prints the answer.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use thinpool_engine::{Pool, PoolConfig, PoolMode, PoolOptions, PoolStatus};
+
+use crate::size::{human, parse_size, percent};
+
+/// Metadata blocks are always 4 KiB (dm-thin format).
+const METADATA_BLOCK_SIZE: u64 = 4096;
+
+#[derive(Subcommand)]
+pub enum PoolCommand {
+    /// Create a pool: a sparse data file and a sparse metadata file under the root (or symlinks
+    /// to existing files or block devices given with --data / --metadata).
+    Create {
+        /// Size of the data file (default 100G). Ignored with --data, which keeps its size.
+        /// Sizes are bytes, or a number with a 1024-based unit: K, M, G, T, P (optionally
+        /// followed by iB or B: 10G = 10GiB = 10GB = 10 × 1024³ bytes).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        data_size: Option<u64>,
+        /// Size of the metadata file (default 2G; 1024-based units as for --data-size).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        metadata_size: Option<u64>,
+        /// Pool block size: the unit of provisioning and copy-on-write (default 64K; a
+        /// multiple of 64K, at most 1G; 1024-based units as for --data-size).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Use this existing file or block device for data (`<root>/pool/data` becomes a
+        /// symlink to it).
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
+        /// Use this existing file or block device for metadata (`<root>/pool/metadata`
+        /// becomes a symlink to it).
+        #[arg(long, value_name = "PATH")]
+        metadata: Option<PathBuf>,
+    },
+    /// Show the pool's usage, block size, devices and mode.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow the data and/or metadata files (online; never shrinks). Without sizes, pick up
+    /// the current sizes of the underlying devices (after growing a block device or LV).
+    Grow {
+        /// New size of the data file (1024-based units: K, M, G, T, P; e.g. 200G).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        data_size: Option<u64>,
+        /// New size of the metadata file (1024-based units: K, M, G, T, P; e.g. 4G).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        metadata_size: Option<u64>,
+    },
+}
+
+pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
+    let at = root.display();
+    match cmd {
+        PoolCommand::Create {
+            data_size,
+            metadata_size,
+            block_size,
+            data,
+            metadata,
+        } => {
+            // The engine owns the defaults (100 GiB, 2 GiB, 64 KiB).
+            let mut cfg = PoolConfig::default();
+            if let Some(s) = data_size {
+                cfg.data_size = s;
+            }
+            if let Some(s) = metadata_size {
+                cfg.metadata_size = s;
+            }
+            if let Some(s) = block_size {
+                cfg.block_size = s;
+            }
+            cfg.data_path = data;
+            cfg.metadata_path = metadata;
+            let pool = Pool::create(root, &cfg, options())
+                .with_context(|| format!("creating a pool at {at}"))?;
+            finish(pool, root, |pool| {
+                let s = pool
+                    .status()
+                    .with_context(|| format!("reading the status of the pool at {at}"))?;
+                Ok(format!(
+                    "created pool at {at}: data {} ({}), metadata {} ({}), block size {}\n",
+                    human(s.total_data_blocks * s.block_size),
+                    s.data_path.display(),
+                    human(s.total_metadata_blocks * METADATA_BLOCK_SIZE),
+                    s.metadata_path.display(),
+                    human(s.block_size),
+                ))
+            })
+        }
+        PoolCommand::Status { json } => with_pool(root, |pool| {
+            let status = pool
+                .status()
+                .with_context(|| format!("reading the status of the pool at {at}"))?;
+            Ok(if json {
+                serde_json::to_string_pretty(&status)? + "\n"
+            } else {
+                render_status(root, &status)
+            })
+        }),
+        PoolCommand::Grow {
+            data_size,
+            metadata_size,
+        } => with_pool(root, |pool| {
+            let before = pool
+                .status()
+                .with_context(|| format!("reading the status of the pool at {at}"))?;
+            pool.grow(data_size, metadata_size)
+                .with_context(|| format!("growing the pool at {at}"))?;
+            let after = pool
+                .status()
+                .with_context(|| format!("reading the status of the pool at {at}"))?;
+            Ok(format!(
+                "pool at {at}: data {} -> {}, metadata {} -> {}\n",
+                human(before.total_data_blocks * before.block_size),
+                human(after.total_data_blocks * after.block_size),
+                human(before.total_metadata_blocks * METADATA_BLOCK_SIZE),
+                human(after.total_metadata_blocks * METADATA_BLOCK_SIZE),
+            ))
+        }),
+    }
+}
+
+/// Open the pool at `root`, run `f` on it, close it, then print what `f` returned.
+pub fn with_pool(root: &Path, f: impl FnOnce(&Pool) -> Result<String>) -> Result<i32> {
+    finish(open(root)?, root, f)
+}
+
+/// Run `f` on `pool` and close the pool whatever happened (the last commit and the lock's
+/// release are part of every command), then print `f`'s text: nothing is reported as done
+/// before it is durable.
+fn finish(pool: Pool, root: &Path, f: impl FnOnce(&Pool) -> Result<String>) -> Result<i32> {
+    let out = f(&pool);
+    let closed = pool
+        .close()
+        .with_context(|| format!("closing the pool at {}", root.display()));
+    match (out, closed) {
+        (Ok(text), Ok(())) => {
+            print!("{text}");
+            Ok(0)
+        }
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), closed) => {
+            if let Err(c) = closed {
+                tracing::warn!("{c:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Open the pool at `root` for one command. The engine's errors already say what to do (no
+/// pool there: create one; locked: which process file is held).
+pub fn open(root: &Path) -> Result<Pool> {
+    Pool::open(root, options()).with_context(|| format!("opening the pool at {}", root.display()))
+}
+
+/// Engine options for a one-shot command: no commit timer, since every command ends with a
+/// commit in `close` and long copies flush as they go (`vol import`).
+fn options() -> PoolOptions {
+    PoolOptions {
+        commit_interval: None,
+        ..PoolOptions::default()
+    }
+}
+
+fn mode_name(mode: PoolMode) -> &'static str {
+    match mode {
+        PoolMode::Write => "rw (read-write)",
+        PoolMode::OutOfDataSpace => "out_of_data_space (writes needing new blocks are refused)",
+        PoolMode::ReadOnly => "ro (read-only: metadata needs attention)",
+        PoolMode::Fail => "fail (I/O error: the pool needs a check)",
+    }
+}
+
+/// `pool status` for people, in the spirit of `docker info`'s devicemapper section.
+fn render_status(root: &Path, s: &PoolStatus) -> String {
+    let data_used = s.used_data_blocks * s.block_size;
+    let data_total = s.total_data_blocks * s.block_size;
+    let meta_used = s.used_metadata_blocks * METADATA_BLOCK_SIZE;
+    let meta_total = s.total_metadata_blocks * METADATA_BLOCK_SIZE;
+    let rows: Vec<(&str, String)> = vec![
+        ("Pool", root.display().to_string()),
+        ("Data file", with_target(&s.data_path)),
+        ("Metadata file", with_target(&s.metadata_path)),
+        ("Block size", human(s.block_size)),
+        (
+            "Data space used",
+            format!(
+                "{} of {} ({}%), {} available",
+                human(data_used),
+                human(data_total),
+                percent(data_used, data_total),
+                human(data_total.saturating_sub(data_used)),
+            ),
+        ),
+        (
+            "Metadata space used",
+            format!(
+                "{} of {} ({}%), {} available",
+                human(meta_used),
+                human(meta_total),
+                percent(meta_used, meta_total),
+                human(meta_total.saturating_sub(meta_used)),
+            ),
+        ),
+        (
+            "Volumes",
+            format!(
+                "{} ({} thin, {} snapshots)",
+                s.volumes,
+                s.volumes.saturating_sub(s.snapshots),
+                s.snapshots
+            ),
+        ),
+        ("Mode", mode_name(s.mode).to_string()),
+        ("Needs check", yes_no(s.needs_check).to_string()),
+        (
+            "When out of space",
+            if s.error_if_no_space {
+                "error at once"
+            } else {
+                "queue writes, then error"
+            }
+            .to_string(),
+        ),
+        ("Discard passdown", yes_no(s.discard_passdown).to_string()),
+        ("Transaction id", s.transaction_id.to_string()),
+        (
+            "Metadata snapshot",
+            s.held_root
+                .map_or_else(|| "none".to_string(), |b| format!("held at block {b}")),
+        ),
+        ("Kernel status", s.kernel_line()),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<width$} {v}\n", format!("{k}:")));
+    }
+    out
+}
+
+/// `path`, and where it leads when it is a symlink (`pool create --data /dev/vg/lv`).
+fn with_target(path: &Path) -> String {
+    match std::fs::read_link(path) {
+        Ok(t) => format!("{} -> {}", path.display(), t.display()),
+        Err(_) => path.display().to_string(),
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}

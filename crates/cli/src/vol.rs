@@ -1,0 +1,697 @@
+//! `thinpool vol …`: create, snapshot, list, resize and remove volumes, and copy raw images in
+//! and out.
+//!
+//! Import and export are sparse both ways, at the pool's block granularity:
+//!
+//! ```text
+//!  FILE   |data|zeros|   hole (SEEK_HOLE)   |data|part|
+//!  volume |map |  -  |          -           |map |map |   ← only blocks holding a non-zero
+//!                                                          byte are provisioned
+//!  volume |map |  -  |          -           |map |
+//!  FILE   |data|hole |         hole         |data|      ← unmapped ranges (mapped_extents)
+//!                                                         and zero pages are left as holes
+//! ```
+//!
+//! Holes of the source are found with `SEEK_DATA`/`SEEK_HOLE`, so a mostly empty 1 TiB image
+//! imports in the time it takes to read its data.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use thinpool_engine::{ErrorKind, Pool, Volume, VolumeInfo, VolumeKind};
+
+use crate::pool;
+use crate::size::{human, parse_size, percent};
+
+/// Bytes moved per read/write call in import and export (rounded up to whole pool blocks).
+const CHUNK: u64 = 4 << 20;
+
+/// Granularity at which export looks for zeros to leave as holes: a filesystem block.
+const PAGE: usize = 4096;
+
+/// How often a long import commits what it has written (the kernel's commit period), so that
+/// the open transaction stays small and a crash loses at most this much work.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Subcommand)]
+pub enum VolCommand {
+    /// Create an empty thin volume (no pool space is used until it is written).
+    Create {
+        /// Volume name.
+        name: String,
+        /// Virtual size (may exceed the pool: thin provisioning). Bytes, or a number with a
+        /// 1024-based unit: K, M, G, T, P (optionally followed by iB or B: 10G = 10GiB = 10GB =
+        /// 10 × 1024³ bytes).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        size: u64,
+    },
+    /// Take a snapshot of a volume (instant; blocks are shared until either side writes).
+    Snapshot {
+        /// The volume to snapshot.
+        origin: String,
+        /// Name of the new snapshot.
+        name: String,
+    },
+    /// List volumes and snapshots with their sizes and the pool space they use.
+    Ls {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow or shrink a volume (shrinking discards everything past the new end).
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New virtual size: bytes, or a number with a 1024-based unit: K, M, G, T, P
+        /// (optionally followed by iB or B: 10G = 10GiB = 10GB = 10 × 1024³ bytes).
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        size: u64,
+    },
+    /// Remove a volume or snapshot, returning its unshared blocks to the pool.
+    Rm {
+        /// Volume name.
+        name: String,
+    },
+    /// Copy a raw image (file or block device) into a volume, creating it if needed.
+    ///
+    /// A missing volume is created with the image's size. Blocks that are all zeros and holes
+    /// of a sparse file use no pool space (holes are skipped without reading them). An existing
+    /// volume must be at least as large as the image; it reads back as the image, and its bytes
+    /// past the image's end are left as they are.
+    Import {
+        /// Volume name.
+        name: String,
+        /// Raw image to read.
+        file: std::path::PathBuf,
+    },
+    /// Copy a volume into a raw image file or onto a block device.
+    ///
+    /// A file is created or overwritten with the volume's size, sparse: unmapped ranges and
+    /// zero pages become holes. A block device must be at least as large as the volume; all of
+    /// the volume is written to it, zeros included.
+    Export {
+        /// Volume name.
+        name: String,
+        /// Raw image to write.
+        file: std::path::PathBuf,
+    },
+}
+
+pub fn run(root: &Path, cmd: VolCommand) -> Result<i32> {
+    pool::with_pool(root, |pool| exec(pool, root, cmd))
+}
+
+/// One command on the open pool; returns what to print once the pool is closed.
+fn exec(pool: &Pool, root: &Path, cmd: VolCommand) -> Result<String> {
+    let at = root.display();
+    Ok(match cmd {
+        VolCommand::Create { name, size } => {
+            let info = pool
+                .create_volume(&name, size)
+                .with_context(|| format!("creating volume {name:?} in the pool at {at}"))?;
+            format!(
+                "created volume {} ({}, thin id {})\n",
+                info.name,
+                human(info.size),
+                info.thin_id
+            )
+        }
+        VolCommand::Snapshot { origin, name } => {
+            let info = pool.snapshot(&origin, &name).with_context(|| {
+                format!("snapshotting volume {origin:?} as {name:?} in the pool at {at}")
+            })?;
+            format!(
+                "created snapshot {} of {} ({}, thin id {})\n",
+                info.name,
+                origin,
+                human(info.size),
+                info.thin_id
+            )
+        }
+        VolCommand::Ls { json } => {
+            let vols = pool
+                .volumes()
+                .with_context(|| format!("listing the volumes of the pool at {at}"))?;
+            if json {
+                serde_json::to_string_pretty(&vols)? + "\n"
+            } else {
+                let block_size = pool
+                    .status()
+                    .with_context(|| format!("reading the status of the pool at {at}"))?
+                    .block_size;
+                render_list(&vols, block_size)
+            }
+        }
+        VolCommand::Resize { name, size } => {
+            let old = pool
+                .volume_info(&name)
+                .with_context(|| format!("resizing volume {name:?} in the pool at {at}"))?
+                .size;
+            pool.resize_volume(&name, size)
+                .with_context(|| format!("resizing volume {name:?} in the pool at {at}"))?;
+            format!("resized volume {name}: {} -> {}\n", human(old), human(size))
+        }
+        VolCommand::Rm { name } => {
+            pool.remove_volume(&name)
+                .with_context(|| format!("removing volume {name:?} from the pool at {at}"))?;
+            format!("removed volume {name}\n")
+        }
+        VolCommand::Import { name, file } => {
+            let stats = import(pool, &name, &file).with_context(|| {
+                format!(
+                    "importing {} into volume {name:?} of the pool at {at}",
+                    file.display()
+                )
+            })?;
+            format!(
+                "imported {} into volume {name}: {} of data, {} skipped as zeros or holes\n",
+                file.display(),
+                human(stats.written),
+                human(stats.skipped),
+            )
+        }
+        VolCommand::Export { name, file } => {
+            let stats = export(pool, &name, &file).with_context(|| {
+                format!(
+                    "exporting volume {name:?} of the pool at {at} to {}",
+                    file.display()
+                )
+            })?;
+            format!(
+                "exported volume {name} to {}: {} of data, {} unmapped or zero\n",
+                file.display(),
+                human(stats.written),
+                human(stats.skipped),
+            )
+        }
+    })
+}
+
+fn kind_name(kind: VolumeKind) -> &'static str {
+    match kind {
+        VolumeKind::Thin => "thin",
+        VolumeKind::Snapshot => "snapshot",
+    }
+}
+
+/// `vol ls` for people: one aligned row per volume.
+fn render_list(vols: &[VolumeInfo], block_size: u64) -> String {
+    let header = ["NAME", "ID", "KIND", "SIZE", "USED", "USE%", "PARENT"].map(String::from);
+    let mut rows = vec![header];
+    for v in vols {
+        let used = v.mapped_blocks * block_size;
+        rows.push([
+            v.name.clone(),
+            v.thin_id.to_string(),
+            kind_name(v.kind).to_string(),
+            human(v.size),
+            human(used),
+            // A last partial block counts whole, so cap at 100 %.
+            format!("{}%", percent(used.min(v.size), v.size)),
+            v.parent.clone().unwrap_or_else(|| "-".to_string()),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            // Names left-aligned, numbers right-aligned.
+            let cell = if matches!(i, 1 | 3 | 4 | 5) {
+                format!("{c:>w$}")
+            } else {
+                format!("{c:<w$}")
+            };
+            line.push_str(&cell);
+            line.push_str("  ");
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// What an import or export moved and what it skipped, in bytes.
+#[derive(Default)]
+struct CopyStats {
+    written: u64,
+    skipped: u64,
+}
+
+/// A byte-count progress bar on a terminal; hidden otherwise (or when logging is verbose).
+fn progress(total: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta})",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Size in bytes of a regular file or block device.
+fn source_len(file: &File, path: &Path) -> Result<u64> {
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading the attributes of {}", path.display()))?;
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Ok(meta.len())
+    } else if ft.is_block_device() {
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+            .with_context(|| format!("finding the size of {}", path.display()))
+    } else {
+        bail!(
+            "{} is not a regular file or a block device (a raw image is needed)",
+            path.display()
+        )
+    }
+}
+
+fn import(pool: &Pool, name: &str, path: &Path) -> Result<CopyStats> {
+    let src = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = source_len(&src, path)?;
+    if len == 0 {
+        bail!("{} is empty: there is nothing to import", path.display());
+    }
+    let (vol, created, mapped) = match pool.volume_info(name) {
+        Ok(info) => {
+            if info.size < len {
+                bail!(
+                    "volume {name:?} ({}, {} bytes) is smaller than {} ({}, {len} bytes): grow it \
+                     first with `thinpool vol resize {name} {len}`",
+                    human(info.size),
+                    info.size,
+                    path.display(),
+                    human(len),
+                );
+            }
+            let vol = pool.open_volume(name).context("opening the volume")?;
+            // What the volume holds already must read back as zeros where the image is zero.
+            let mapped = vol
+                .mapped_extents(0, len)
+                .context("reading the volume's mappings")?;
+            (vol, false, mapped)
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            pool.create_volume(name, len).with_context(|| {
+                format!("creating the volume with the image's size ({len} bytes)")
+            })?;
+            let vol = pool.open_volume(name).context("opening the new volume")?;
+            (vol, true, Vec::new())
+        }
+        Err(e) => {
+            return Err(e).context("looking up the volume");
+        }
+    };
+    let bar = progress(len, &format!("importing {name}"));
+    let result = copy_in(&src, path, &vol, len, mapped, &bar).and_then(|stats| {
+        vol.flush().context("flushing the volume")?;
+        Ok(stats)
+    });
+    bar.finish_and_clear();
+    drop(vol);
+    match result {
+        Ok(stats) => Ok(stats),
+        Err(e) => {
+            // A volume this command made half full is worse than none.
+            if created && let Err(rm) = pool.remove_volume(name) {
+                tracing::warn!("could not remove the partly imported volume {name:?}: {rm}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The next range of `file` at or after `pos` that may hold data, as `(start, end)`, or `None`
+/// when only holes remain. Filesystems without `SEEK_DATA` report everything as data.
+fn next_data(file: &File, pos: u64, len: u64) -> Result<Option<(u64, u64)>> {
+    use rustix::fs::{SeekFrom as RSeek, seek};
+    let start = match seek(file, RSeek::Data(pos)) {
+        Ok(d) if d >= len => return Ok(None),
+        Ok(d) => d,
+        Err(rustix::io::Errno::NXIO) => return Ok(None),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+            return Ok(Some((pos, len)));
+        }
+        Err(e) => return Err(std::io::Error::from(e)).context("looking for data (SEEK_DATA)"),
+    };
+    let end = match seek(file, RSeek::Hole(start)) {
+        Ok(h) => h.min(len),
+        Err(e) => return Err(std::io::Error::from(e)).context("looking for a hole (SEEK_HOLE)"),
+    };
+    Ok(Some((start, end.max(start))))
+}
+
+/// Zeroes, in a volume that had data before the import, the ranges the image has as zeros.
+struct Zeroer {
+    /// Mapped byte ranges of the volume before the import, in order.
+    mapped: Vec<(u64, u64)>,
+    next: usize,
+}
+
+impl Zeroer {
+    /// `[start, end)` of the image is zeros (ranges come in increasing order).
+    fn zero(&mut self, vol: &Volume, start: u64, end: u64) -> Result<()> {
+        while let Some(&(off, len)) = self.mapped.get(self.next) {
+            if off + len <= start {
+                self.next += 1;
+                continue;
+            }
+            if off >= end {
+                break;
+            }
+            let (a, b) = (off.max(start), (off + len).min(end));
+            vol.write_zeroes(a, b - a)
+                .with_context(|| format!("zeroing bytes {a}..{b}"))?;
+            if off + len > end {
+                break;
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+fn copy_in(
+    src: &File,
+    path: &Path,
+    vol: &Volume,
+    len: u64,
+    mapped: Vec<(u64, u64)>,
+    bar: &ProgressBar,
+) -> Result<CopyStats> {
+    let bs = vol.block_size();
+    let chunk = CHUNK.div_ceil(bs) * bs;
+    let mut buf = vec![0u8; usize::try_from(chunk).context("block size too large")?];
+    let bsz = usize::try_from(bs).context("block size too large")?;
+    let mut zeroer = Zeroer { mapped, next: 0 };
+    let mut stats = CopyStats::default();
+    let mut pos = 0u64;
+    let mut last_commit = Instant::now();
+    while pos < len {
+        let Some((data, data_end)) =
+            next_data(src, pos, len).with_context(|| format!("reading {}", path.display()))?
+        else {
+            break;
+        };
+        // Whole blocks around the data: a block half data, half hole is read whole.
+        let start = pos.max(data / bs * bs);
+        // `max(start + 1)`: always move on by at least one block, whatever the filesystem says.
+        let end = len.min(data_end.max(start + 1).div_ceil(bs) * bs);
+        if start > pos {
+            zeroer.zero(vol, pos, start)?;
+            stats.skipped += start - pos;
+        }
+        let mut off = start;
+        while off < end {
+            let n = (end - off).min(chunk);
+            let b = &mut buf[..usize::try_from(n).expect("n <= chunk, which fits in usize")];
+            src.read_exact_at(b, off)
+                .with_context(|| format!("reading {} at byte {off} ({n} bytes)", path.display()))?;
+            let mut done = 0u64;
+            for (a, z) in runs(b, bsz) {
+                let (a, z) = (a as u64, z as u64);
+                if a > done {
+                    zeroer.zero(vol, off + done, off + a)?;
+                    stats.skipped += a - done;
+                }
+                vol.write_at(&b[a as usize..z as usize], off + a)
+                    .with_context(|| format!("writing bytes {}..{}", off + a, off + z))?;
+                stats.written += z - a;
+                done = z;
+            }
+            if n > done {
+                zeroer.zero(vol, off + done, off + n)?;
+                stats.skipped += n - done;
+            }
+            off += n;
+            bar.set_position(off);
+            if last_commit.elapsed() >= COMMIT_EVERY {
+                vol.flush().context("flushing the volume")?;
+                last_commit = Instant::now();
+            }
+        }
+        pos = end.max(start);
+    }
+    if pos < len {
+        zeroer.zero(vol, pos, len)?;
+        stats.skipped += len - pos;
+    }
+    bar.set_position(len);
+    Ok(stats)
+}
+
+/// The runs of `buf` made of `unit`-sized pieces (the last one may be shorter) holding at
+/// least one non-zero byte, as `(start, end)` byte ranges, merged and in order.
+fn runs(buf: &[u8], unit: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, piece) in buf.chunks(unit).enumerate() {
+        if is_zero(piece) {
+            continue;
+        }
+        let (a, z) = (i * unit, i * unit + piece.len());
+        match out.last_mut() {
+            Some(last) if last.1 == a => last.1 = z,
+            _ => out.push((a, z)),
+        }
+    }
+    out
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    // OR-folding a page at a time vectorises well and still stops early on data.
+    buf.chunks(PAGE)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+fn export(pool: &Pool, name: &str, path: &Path) -> Result<CopyStats> {
+    let vol = pool.open_volume(name).context("opening the volume")?;
+    let size = vol.size();
+    refuse_pool_files(pool, path)?;
+    let existed = path.symlink_metadata().is_ok();
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))?;
+    let meta = out
+        .metadata()
+        .with_context(|| format!("reading the attributes of {}", path.display()))?;
+    let dense = if meta.file_type().is_block_device() {
+        let dev_size = source_len(&out, path)?;
+        if dev_size < size {
+            bail!(
+                "{} ({}) is smaller than the volume ({})",
+                path.display(),
+                human(dev_size),
+                human(size)
+            );
+        }
+        true
+    } else if meta.file_type().is_file() {
+        // Truncate to nothing first so that no old byte survives where the volume has a hole.
+        out.set_len(0)
+            .and_then(|()| out.set_len(size))
+            .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
+        false
+    } else {
+        bail!("{} is not a regular file or a block device", path.display());
+    };
+    let bar = progress(size, &format!("exporting {name}"));
+    let result = copy_out(&vol, &out, path, size, dense, &bar).and_then(|stats| {
+        out.sync_all()
+            .with_context(|| format!("syncing {}", path.display()))?;
+        Ok(stats)
+    });
+    bar.finish_and_clear();
+    if result.is_err()
+        && !existed
+        && let Err(rm) = std::fs::remove_file(path)
+    {
+        tracing::warn!(
+            "could not remove the partial export {}: {rm}",
+            path.display()
+        );
+    }
+    result
+}
+
+/// Refuse to export onto the pool's own data or metadata device.
+fn refuse_pool_files(pool: &Pool, path: &Path) -> Result<()> {
+    let Ok(target) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let status = pool.status().context("reading the pool's status")?;
+    for p in [&status.data_path, &status.metadata_path] {
+        if let Ok(m) = std::fs::metadata(p)
+            && m.dev() == target.dev()
+            && m.ino() == target.ino()
+        {
+            bail!(
+                "{} is the pool's own {} device: refusing to overwrite it",
+                path.display(),
+                if p == &status.data_path {
+                    "data"
+                } else {
+                    "metadata"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn copy_out(
+    vol: &Volume,
+    out: &File,
+    path: &Path,
+    size: u64,
+    dense: bool,
+    bar: &ProgressBar,
+) -> Result<CopyStats> {
+    let extents = vol
+        .mapped_extents(0, size)
+        .context("reading the volume's mappings")?;
+    let mut buf = vec![0u8; usize::try_from(CHUNK).expect("CHUNK fits in usize")];
+    let mut stats = CopyStats::default();
+    let mut pos = 0u64;
+    let write = |data: &[u8], off: u64| {
+        out.write_all_at(data, off).with_context(|| {
+            format!(
+                "writing {} at byte {off} ({} bytes)",
+                path.display(),
+                data.len()
+            )
+        })
+    };
+    let fill_zeros = |from: u64, to: u64, buf: &mut [u8]| -> Result<()> {
+        buf.fill(0);
+        let mut o = from;
+        while o < to {
+            let n = (to - o).min(buf.len() as u64);
+            write(&buf[..n as usize], o)?;
+            o += n;
+        }
+        Ok(())
+    };
+    for (off, len) in extents {
+        let end = (off + len).min(size);
+        if off > pos {
+            if dense {
+                fill_zeros(pos, off, &mut buf)?;
+            }
+            stats.skipped += off - pos;
+        }
+        let mut o = off.max(pos);
+        while o < end {
+            let n = (end - o).min(CHUNK);
+            let b = &mut buf[..usize::try_from(n).expect("n <= CHUNK")];
+            vol.read_at(b, o)
+                .with_context(|| format!("reading the volume at byte {o}"))?;
+            if dense {
+                write(b, o)?;
+                stats.written += n;
+            } else {
+                let mut done = 0;
+                for (a, z) in runs(b, PAGE) {
+                    write(&b[a..z], o + a as u64)?;
+                    stats.written += (z - a) as u64;
+                    stats.skipped += (a - done) as u64;
+                    done = z;
+                }
+                stats.skipped += (b.len() - done) as u64;
+            }
+            o += n;
+            bar.set_position(o);
+        }
+        pos = pos.max(end);
+    }
+    if size > pos {
+        if dense {
+            fill_zeros(pos, size, &mut buf)?;
+        }
+        stats.skipped += size - pos;
+    }
+    bar.set_position(size);
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_non_zero_pieces() {
+        let mut b = vec![0u8; 10 * 4];
+        assert!(runs(&b, 4).is_empty());
+        b[0] = 1;
+        b[5] = 1;
+        b[15] = 1;
+        b[39] = 1;
+        assert_eq!(runs(&b, 4), vec![(0, 8), (12, 16), (36, 40)]);
+        // A short last piece.
+        let mut c = vec![0u8; 10];
+        c[9] = 7;
+        assert_eq!(runs(&c, 4), vec![(8, 10)]);
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&vec![0u8; 3 * PAGE + 5]));
+        let mut b = vec![0u8; 3 * PAGE + 5];
+        b[3 * PAGE + 4] = 1;
+        assert!(!is_zero(&b));
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let v = VolumeInfo {
+            name: "base".into(),
+            thin_id: 1,
+            size: 10 << 30,
+            kind: VolumeKind::Thin,
+            parent: None,
+            created: 0,
+            mapped_blocks: 16,
+            highest_mapped_block: Some(15),
+        };
+        let s = VolumeInfo {
+            name: "snap-of-base".into(),
+            thin_id: 12,
+            kind: VolumeKind::Snapshot,
+            parent: Some("base".into()),
+            ..v.clone()
+        };
+        let t = render_list(&[v, s], 64 << 10);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("NAME "), "{t}");
+        assert!(
+            lines[1].contains("10.0 GiB") && lines[1].contains("1.0 MiB"),
+            "{t}"
+        );
+        assert!(lines[2].ends_with("base"), "{t}");
+        let col = |l: &str| l.find("GiB").expect("a size column");
+        assert_eq!(col(lines[1]), col(lines[2]), "{t}");
+    }
+}
