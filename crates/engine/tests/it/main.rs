@@ -1,1 +1,7 @@
 //! Engine integration tests.
+
+mod common;
+mod concurrency;
+mod crash;
+mod model;
+mod nospace;
