@@ -194,7 +194,7 @@ fn take_lock(root: &Path) -> Result<File> {
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(format!(
-            "the pool in {} is in use by another process (lock {} is held)",
+            "the pool in {} is in use (lock {} is held by another process, or by this one while a pool or volume handle is still open)",
             root.display(),
             path.display()
         ))),
@@ -763,6 +763,11 @@ impl Pool {
     pub fn reserve_metadata_snap(&self) -> Result<u64> {
         self.inner.sync_data()?;
         let mut st = self.inner.md_writable()?;
+        if let Some(h) = st.md.held_root() {
+            return Err(Error::Busy(format!(
+                "a metadata snapshot is already held (block {h}); release it first"
+            )));
+        }
         let h = st.md.reserve_metadata_snap()?;
         st.dirty = false;
         Ok(h)
@@ -772,6 +777,11 @@ impl Pool {
     pub fn release_metadata_snap(&self) -> Result<()> {
         self.inner.sync_data()?;
         let mut st = self.inner.md_writable()?;
+        if st.md.held_root().is_none() {
+            return Err(Error::InvalidArgument(
+                "no metadata snapshot is held".into(),
+            ));
+        }
         st.md.release_metadata_snap()?;
         st.dirty = false;
         Ok(())
@@ -801,6 +811,19 @@ impl Drop for Pool {
             tracing::error!(
                 "commit while closing the pool in {} failed: {e}",
                 self.inner.root.display()
+            );
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// The last user of the pool (the `Pool` or a volume handle that outlived it) commits, so
+    /// writes made through a handle after `close` are not lost.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::error!(
+                "final commit of the pool in {} failed: {e}",
+                self.root.display()
             );
         }
     }
@@ -871,11 +894,17 @@ fn reconcile(
             }
         }
     }
+    // Removals above may have deleted devices: list them again.
+    let devices: Vec<u32> = md.devices()?.iter().map(|(i, _)| i.get()).collect();
     for id in devices {
         if cat.by_thin_id(id).is_none() {
-            let name = format!("thin-{id}");
+            let mut name = format!("thin-{id}");
+            let mut n = 1;
+            while cat.volumes.contains_key(&name) {
+                n += 1;
+                name = format!("thin-{id}-{n}");
+            }
             tracing::info!(thin_id = id, volume = %name, "adopting a thin device the catalog did not know");
-            let d = md.device_details(ThinId::new(id as u64)?)?;
             cat.volumes.insert(
                 name.clone(),
                 Entry {
@@ -888,7 +917,6 @@ fn reconcile(
                     removing: false,
                 },
             );
-            let _ = d;
             changed_cat = true;
         }
     }
