@@ -166,7 +166,30 @@ pub(crate) struct Inner {
     pub inserts: AtomicU64,
     stop: Mutex<bool>,
     stop_cv: Condvar,
-    _lock: Option<File>,
+    _lock: File,
+}
+
+/// The two devices of a pool with the names shown for them, and the held lock.
+struct Devices {
+    data: Arc<dyn BlockDevice>,
+    meta: Arc<dyn BlockDevice>,
+    data_path: PathBuf,
+    metadata_path: PathBuf,
+    lock: File,
+}
+
+impl Devices {
+    /// Devices handed in by the caller: named after themselves.
+    fn given(data: Arc<dyn BlockDevice>, meta: Arc<dyn BlockDevice>, lock: File) -> Self {
+        let (data_path, metadata_path) = (PathBuf::from(data.name()), PathBuf::from(meta.name()));
+        Devices {
+            data,
+            meta,
+            data_path,
+            metadata_path,
+            lock,
+        }
+    }
 }
 
 /// An open pool. Dropping it commits (errors are logged); [`Pool::close`] reports them.
@@ -266,16 +289,14 @@ impl Pool {
         }
         let made =
             make_device(&data_link, cfg.data_path.as_deref(), cfg.data_size).and_then(|data| {
-                Self::create_inner(
-                    root,
+                let devs = Devices {
                     data,
                     meta,
-                    cfg.block_size,
-                    opts,
-                    Some(lock),
-                    data_link.clone(),
-                    meta_link.clone(),
-                )
+                    data_path: data_link.clone(),
+                    metadata_path: meta_link.clone(),
+                    lock,
+                };
+                Self::create_inner(root, devs, cfg.block_size, opts)
             });
         if made.is_err() {
             // Leave nothing half made behind.
@@ -296,38 +317,21 @@ impl Pool {
         check_block_size(block_size)?;
         std::fs::create_dir_all(root).map_err(file_err("creating", root))?;
         let lock = take_lock(root)?;
-        let (dp, mp) = (PathBuf::from(data.name()), PathBuf::from(metadata.name()));
-        Self::create_inner(root, data, metadata, block_size, opts, Some(lock), dp, mp)
+        Self::create_inner(root, Devices::given(data, metadata, lock), block_size, opts)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn create_inner(
         root: &Path,
-        data: Arc<dyn BlockDevice>,
-        meta: Arc<dyn BlockDevice>,
+        devs: Devices,
         block_size: u64,
         opts: PoolOptions,
-        lock: Option<File>,
-        data_path: PathBuf,
-        metadata_path: PathBuf,
     ) -> Result<Pool> {
-        let nr_data = data.size()? / block_size;
-        let md = ThinMetadata::format(meta.clone(), (block_size / SECTOR) as u32, nr_data)?;
+        let nr_data = devs.data.size()? / block_size;
+        let md = ThinMetadata::format(devs.meta.clone(), (block_size / SECTOR) as u32, nr_data)?;
         let catalog = Catalog::new(root, md.transaction_id());
         catalog.save()?;
         tracing::info!(root = %root.display(), nr_data, block_size, "pool created");
-        Ok(Self::start(
-            root,
-            data,
-            meta,
-            block_size,
-            opts,
-            lock,
-            md,
-            catalog,
-            data_path,
-            metadata_path,
-        ))
+        Ok(Self::start(root, devs, block_size, opts, md, catalog))
     }
 
     /// Open the pool in `root` (made by `create`, or a root whose `pool/` holds a kernel
@@ -352,7 +356,14 @@ impl Pool {
         let lock = take_lock(root)?;
         let meta: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&meta_link)?);
         let data: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&data_link)?);
-        Self::open_inner(root, data, meta, opts, Some(lock), data_link, meta_link)
+        let devs = Devices {
+            data,
+            meta,
+            data_path: data_link,
+            metadata_path: meta_link,
+            lock,
+        };
+        Self::open_inner(root, devs, opts)
     }
 
     /// Open a pool on given devices; `root` keeps the catalog and the lock.
@@ -364,21 +375,13 @@ impl Pool {
     ) -> Result<Pool> {
         std::fs::create_dir_all(root).map_err(file_err("creating", root))?;
         let lock = take_lock(root)?;
-        let (dp, mp) = (PathBuf::from(data.name()), PathBuf::from(metadata.name()));
-        Self::open_inner(root, data, metadata, opts, Some(lock), dp, mp)
+        Self::open_inner(root, Devices::given(data, metadata, lock), opts)
     }
 
-    fn open_inner(
-        root: &Path,
-        data: Arc<dyn BlockDevice>,
-        meta: Arc<dyn BlockDevice>,
-        opts: PoolOptions,
-        lock: Option<File>,
-        data_path: PathBuf,
-        metadata_path: PathBuf,
-    ) -> Result<Pool> {
-        let mut md = ThinMetadata::open(meta.clone())?;
+    fn open_inner(root: &Path, devs: Devices, opts: PoolOptions) -> Result<Pool> {
+        let mut md = ThinMetadata::open(devs.meta.clone())?;
         let block_size = md.data_block_size() as u64 * SECTOR;
+        let data = &devs.data;
         let dev_blocks = data.size()? / block_size;
         if dev_blocks < md.nr_data_blocks() {
             return Err(Error::InvalidArgument(format!(
@@ -396,32 +399,16 @@ impl Pool {
         let mut catalog = Catalog::load(root)?;
         reconcile(&mut md, &mut catalog, block_size, dev_blocks * block_size)?;
         tracing::info!(root = %root.display(), transaction_id = md.transaction_id(), "pool opened");
-        Ok(Self::start(
-            root,
-            data,
-            meta,
-            block_size,
-            opts,
-            lock,
-            md,
-            catalog,
-            data_path,
-            metadata_path,
-        ))
+        Ok(Self::start(root, devs, block_size, opts, md, catalog))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start(
         root: &Path,
-        data: Arc<dyn BlockDevice>,
-        meta: Arc<dyn BlockDevice>,
+        devs: Devices,
         block_size: u64,
         opts: PoolOptions,
-        lock: Option<File>,
         md: ThinMetadata,
         catalog: Catalog,
-        data_path: PathBuf,
-        metadata_path: PathBuf,
     ) -> Pool {
         let mode = if md.needs_check() {
             PoolMode::ReadOnly
@@ -431,10 +418,10 @@ impl Pool {
         let interval = opts.commit_interval;
         let inner = Arc::new(Inner {
             root: root.to_path_buf(),
-            data,
-            meta_dev: meta,
-            data_path,
-            metadata_path,
+            data: devs.data,
+            meta_dev: devs.meta,
+            data_path: devs.data_path,
+            metadata_path: devs.metadata_path,
             block_size,
             opts,
             md: Mutex::new(MetaState {
@@ -450,7 +437,7 @@ impl Pool {
             inserts: AtomicU64::new(0),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
-            _lock: lock,
+            _lock: devs.lock,
         });
         let timer = interval.map(|period| {
             let weak = Arc::downgrade(&inner);
