@@ -663,12 +663,9 @@ impl Pool {
             drop(st);
             let tail = size % self.inner.block_size;
             if tail != 0 {
+                // (No range check on this path: the tail lies past the new size.)
                 let v = Volume::new(self.inner.clone(), vs.clone());
-                let end = first * self.inner.block_size;
-                vs.size.store(end, Ordering::SeqCst);
-                let r = v.write_zeroes_unquiesced(size, end - size);
-                vs.size.store(size, Ordering::SeqCst);
-                r?;
+                v.write_zeroes_unquiesced(size, first * self.inner.block_size - size)?;
             }
             self.inner.commit()?;
         }
