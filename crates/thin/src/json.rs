@@ -37,10 +37,8 @@
 use std::io::{self, Write};
 
 use crate::ir::{Device, Map, MetadataVisitor, Superblock};
+use crate::staged::Staged;
 use crate::xml::push_u64;
-
-/// Text is handed to the underlying writer in pieces of at least this size.
-const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Streams the IR as JSON (shape in the module docs).
 ///
@@ -50,8 +48,7 @@ const WRITE_CHUNK: usize = 64 * 1024;
 /// defines; the writer keeps only two flags (first device, first mapping) and does not check.
 #[derive(Debug)]
 pub struct JsonWriter<W: Write> {
-    out: W,
-    buf: Vec<u8>,
+    st: Staged<W>,
     first_device: bool,
     first_mapping: bool,
 }
@@ -60,8 +57,7 @@ impl<W: Write> JsonWriter<W> {
     /// A writer printing to `out`. O(1); allocates the 64 KiB staging buffer.
     pub fn new(out: W) -> Self {
         JsonWriter {
-            out,
-            buf: Vec::with_capacity(WRITE_CHUNK + 512),
+            st: Staged::new(out),
             first_device: true,
             first_mapping: true,
         }
@@ -69,37 +65,29 @@ impl<W: Write> JsonWriter<W> {
 
     /// The underlying writer (text still in the staging buffer is not in it yet).
     pub fn get_ref(&self) -> &W {
-        &self.out
+        &self.st.out
     }
 
     /// Writes out the staged text and returns the underlying writer (not flushed unless
     /// [`MetadataVisitor::eof`] was called). Fails if writing fails.
-    pub fn into_inner(mut self) -> io::Result<W> {
-        self.drain()?;
-        Ok(self.out)
+    pub fn into_inner(self) -> io::Result<W> {
+        self.st.into_inner()
     }
 
     fn drain(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.out.write_all(&self.buf)?;
-            self.buf.clear();
-        }
-        Ok(())
+        self.st.drain()
     }
 
     fn maybe_drain(&mut self) -> io::Result<()> {
-        if self.buf.len() >= WRITE_CHUNK {
-            self.drain()?;
-        }
-        Ok(())
+        self.st.maybe_drain()
     }
 
     /// Appends `"name":value` preceded by a comma.
     fn field(&mut self, name: &[u8], value: u64) {
-        self.buf.extend_from_slice(b",\"");
-        self.buf.extend_from_slice(name);
-        self.buf.extend_from_slice(b"\":");
-        push_u64(&mut self.buf, value);
+        self.st.buf.extend_from_slice(b",\"");
+        self.st.buf.extend_from_slice(name);
+        self.st.buf.extend_from_slice(b"\":");
+        push_u64(&mut self.st.buf, value);
     }
 }
 
@@ -107,8 +95,8 @@ impl<W: Write> MetadataVisitor for JsonWriter<W> {
     type Error = io::Error;
 
     fn superblock_b(&mut self, sb: &Superblock) -> io::Result<()> {
-        self.buf.extend_from_slice(b"{\"superblock\":{\"uuid\":");
-        serde_json::to_writer(&mut self.buf, &sb.uuid).map_err(io::Error::other)?;
+        self.st.buf.extend_from_slice(b"{\"superblock\":{\"uuid\":");
+        serde_json::to_writer(&mut self.st.buf, &sb.uuid).map_err(io::Error::other)?;
         self.field(b"time", sb.time.into());
         self.field(b"transaction", sb.transaction);
         self.field(b"flags", sb.flags.into());
@@ -117,56 +105,56 @@ impl<W: Write> MetadataVisitor for JsonWriter<W> {
         self.field(b"nr_data_blocks", sb.nr_data_blocks);
         match sb.metadata_snap {
             Some(root) => self.field(b"metadata_snap", root),
-            None => self.buf.extend_from_slice(b",\"metadata_snap\":null"),
+            None => self.st.buf.extend_from_slice(b",\"metadata_snap\":null"),
         }
-        self.buf.extend_from_slice(b"},\"devices\":[");
+        self.st.buf.extend_from_slice(b"},\"devices\":[");
         self.first_device = true;
         self.maybe_drain()
     }
 
     fn superblock_e(&mut self) -> io::Result<()> {
-        self.buf.extend_from_slice(b"\n]}\n");
+        self.st.buf.extend_from_slice(b"\n]}\n");
         self.drain()
     }
 
     fn device_b(&mut self, dev: &Device) -> io::Result<()> {
         if !self.first_device {
-            self.buf.push(b',');
+            self.st.buf.push(b',');
         }
         self.first_device = false;
         self.first_mapping = true;
-        self.buf.extend_from_slice(b"\n{\"dev_id\":");
-        push_u64(&mut self.buf, dev.dev_id.into());
+        self.st.buf.extend_from_slice(b"\n{\"dev_id\":");
+        push_u64(&mut self.st.buf, dev.dev_id.into());
         self.field(b"mapped_blocks", dev.mapped_blocks);
         self.field(b"transaction", dev.transaction);
         self.field(b"creation_time", dev.creation_time.into());
         self.field(b"snap_time", dev.snap_time.into());
-        self.buf.extend_from_slice(b",\"mappings\":[");
+        self.st.buf.extend_from_slice(b",\"mappings\":[");
         self.maybe_drain()
     }
 
     fn device_e(&mut self) -> io::Result<()> {
-        self.buf.extend_from_slice(b"\n]}");
+        self.st.buf.extend_from_slice(b"\n]}");
         self.maybe_drain()
     }
 
     fn map(&mut self, m: &Map) -> io::Result<()> {
         if !self.first_mapping {
-            self.buf.push(b',');
+            self.st.buf.push(b',');
         }
         self.first_mapping = false;
-        self.buf.extend_from_slice(b"\n{\"origin_begin\":");
-        push_u64(&mut self.buf, m.origin_begin);
+        self.st.buf.extend_from_slice(b"\n{\"origin_begin\":");
+        push_u64(&mut self.st.buf, m.origin_begin);
         self.field(b"data_begin", m.data_begin);
         self.field(b"length", m.len);
         self.field(b"time", m.time.into());
-        self.buf.push(b'}');
+        self.st.buf.push(b'}');
         self.maybe_drain()
     }
 
     fn eof(&mut self) -> io::Result<()> {
         self.drain()?;
-        self.out.flush()
+        self.st.out.flush()
     }
 }
 

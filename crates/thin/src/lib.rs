@@ -43,6 +43,7 @@ pub mod metadata;
 pub mod repair;
 pub mod restore;
 pub mod size;
+mod staged;
 pub mod superblock;
 mod walk;
 pub mod xml;

@@ -50,6 +50,7 @@ use quick_xml::events::attributes::Attribute;
 use quick_xml::events::{BytesStart, Event};
 
 use crate::ir::{Device, Map, MetadataVisitor, Superblock};
+use crate::staged::Staged;
 
 /// Largest thin device id: ids have 24 bits (`docs/dm-thin-format.md` 5.3).
 pub const MAX_DEV_ID: u32 = (1 << 24) - 1;
@@ -61,10 +62,6 @@ pub const MAX_MAPPING_TIME: u32 = (1 << 24) - 1;
 /// Number of data blocks a mapping can address: the mapping value keeps a 40-bit data block
 /// number (`docs/dm-thin-format.md` 5.2).
 pub const DATA_BLOCK_LIMIT: u64 = 1 << 40;
-
-/// The writer hands its text to the underlying writer in pieces of at least this size (and at
-/// the end of the superblock), so that an unbuffered writer costs one `write` per 64 KiB.
-const WRITE_CHUNK: usize = 64 * 1024;
 
 // ------------------------------------------------------------------------------------------
 // Writing
@@ -81,53 +78,43 @@ const WRITE_CHUNK: usize = 64 * 1024;
 /// [`Superblock::metadata_snap`] (thin_dump 0.9.0 does not, see the module docs).
 #[derive(Debug)]
 pub struct XmlWriter<W: Write> {
-    out: W,
-    buf: Vec<u8>,
+    st: Staged<W>,
 }
 
 impl<W: Write> XmlWriter<W> {
     /// A writer printing to `out`. O(1); allocates the 64 KiB staging buffer.
     pub fn new(out: W) -> Self {
         XmlWriter {
-            out,
-            buf: Vec::with_capacity(WRITE_CHUNK + 512),
+            st: Staged::new(out),
         }
     }
 
     /// The underlying writer (text still in the staging buffer is not in it yet).
     pub fn get_ref(&self) -> &W {
-        &self.out
+        &self.st.out
     }
 
     /// Writes out the staged text and returns the underlying writer (not flushed unless
     /// [`MetadataVisitor::eof`] was called). Fails if writing fails.
-    pub fn into_inner(mut self) -> io::Result<W> {
-        self.drain()?;
-        Ok(self.out)
+    pub fn into_inner(self) -> io::Result<W> {
+        self.st.into_inner()
     }
 
     fn drain(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.out.write_all(&self.buf)?;
-            self.buf.clear();
-        }
-        Ok(())
+        self.st.drain()
     }
 
     fn maybe_drain(&mut self) -> io::Result<()> {
-        if self.buf.len() >= WRITE_CHUNK {
-            self.drain()?;
-        }
-        Ok(())
+        self.st.maybe_drain()
     }
 
     /// Appends ` name="value"`.
     fn attr(&mut self, name: &[u8], value: u64) {
-        self.buf.push(b' ');
-        self.buf.extend_from_slice(name);
-        self.buf.extend_from_slice(b"=\"");
-        push_u64(&mut self.buf, value);
-        self.buf.push(b'"');
+        self.st.buf.push(b' ');
+        self.st.buf.extend_from_slice(name);
+        self.st.buf.extend_from_slice(b"=\"");
+        push_u64(&mut self.st.buf, value);
+        self.st.buf.push(b'"');
     }
 }
 
@@ -135,59 +122,59 @@ impl<W: Write> MetadataVisitor for XmlWriter<W> {
     type Error = io::Error;
 
     fn superblock_b(&mut self, sb: &Superblock) -> io::Result<()> {
-        self.buf.extend_from_slice(b"<superblock uuid=\"");
-        push_escaped(&mut self.buf, sb.uuid.as_bytes());
-        self.buf.push(b'"');
+        self.st.buf.extend_from_slice(b"<superblock uuid=\"");
+        push_escaped(&mut self.st.buf, sb.uuid.as_bytes());
+        self.st.buf.push(b'"');
         self.attr(b"time", sb.time.into());
         self.attr(b"transaction", sb.transaction);
         self.attr(b"flags", sb.flags.into());
         self.attr(b"version", sb.version.into());
         self.attr(b"data_block_size", sb.data_block_size.into());
         self.attr(b"nr_data_blocks", sb.nr_data_blocks);
-        self.buf.extend_from_slice(b">\n");
+        self.st.buf.extend_from_slice(b">\n");
         self.maybe_drain()
     }
 
     fn superblock_e(&mut self) -> io::Result<()> {
-        self.buf.extend_from_slice(b"</superblock>\n");
+        self.st.buf.extend_from_slice(b"</superblock>\n");
         self.drain()
     }
 
     fn device_b(&mut self, dev: &Device) -> io::Result<()> {
-        self.buf.extend_from_slice(b"  <device");
+        self.st.buf.extend_from_slice(b"  <device");
         self.attr(b"dev_id", dev.dev_id.into());
         self.attr(b"mapped_blocks", dev.mapped_blocks);
         self.attr(b"transaction", dev.transaction);
         self.attr(b"creation_time", dev.creation_time.into());
         self.attr(b"snap_time", dev.snap_time.into());
-        self.buf.extend_from_slice(b">\n");
+        self.st.buf.extend_from_slice(b">\n");
         self.maybe_drain()
     }
 
     fn device_e(&mut self) -> io::Result<()> {
-        self.buf.extend_from_slice(b"  </device>\n");
+        self.st.buf.extend_from_slice(b"  </device>\n");
         self.maybe_drain()
     }
 
     fn map(&mut self, m: &Map) -> io::Result<()> {
         if m.len == 1 {
-            self.buf.extend_from_slice(b"    <single_mapping");
+            self.st.buf.extend_from_slice(b"    <single_mapping");
             self.attr(b"origin_block", m.origin_begin);
             self.attr(b"data_block", m.data_begin);
         } else {
-            self.buf.extend_from_slice(b"    <range_mapping");
+            self.st.buf.extend_from_slice(b"    <range_mapping");
             self.attr(b"origin_begin", m.origin_begin);
             self.attr(b"data_begin", m.data_begin);
             self.attr(b"length", m.len);
         }
         self.attr(b"time", m.time.into());
-        self.buf.extend_from_slice(b"/>\n");
+        self.st.buf.extend_from_slice(b"/>\n");
         self.maybe_drain()
     }
 
     fn eof(&mut self) -> io::Result<()> {
         self.drain()?;
-        self.out.flush()
+        self.st.out.flush()
     }
 }
 
