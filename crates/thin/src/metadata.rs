@@ -326,6 +326,13 @@ impl ThinMetadata {
             return Err(Error::DeviceExists(id.0));
         }
         let root = btree::empty_tree(&mut self.tx, 8)?;
+        self.add_device(id, root, 0)
+    }
+
+    /// Enter device `id` with mapping tree `root` (whose reference the caller holds) in the
+    /// top level of the mapping tree, and its details stamped with the current transaction and
+    /// time.
+    fn add_device(&mut self, id: ThinId, root: u64, mapped_blocks: u64) -> Result<()> {
         self.sb.mapping_root = btree::insert(
             &mut self.tx,
             self.sb.mapping_root,
@@ -337,7 +344,7 @@ impl ThinMetadata {
         self.details.insert(
             id.0,
             DeviceDetails {
-                mapped_blocks: 0,
+                mapped_blocks,
                 transaction_id: self.sb.trans_id,
                 creation_time: self.sb.time,
                 snapshotted_time: self.sb.time,
@@ -363,26 +370,9 @@ impl ThinMetadata {
         let root = self.device_root(origin)?;
         self.sb.time += 1;
         self.tx.inc_meta(root)?;
-        self.sb.mapping_root = btree::insert(
-            &mut self.tx,
-            self.sb.mapping_root,
-            id.0 as u64,
-            &root.to_le_bytes(),
-            &MAPPINGS,
-        )?
-        .0;
         od.snapshotted_time = self.sb.time;
         self.details.insert(origin.0, od);
-        self.details.insert(
-            id.0,
-            DeviceDetails {
-                mapped_blocks: od.mapped_blocks,
-                transaction_id: self.sb.trans_id,
-                creation_time: self.sb.time,
-                snapshotted_time: self.sb.time,
-            },
-        );
-        Ok(())
+        self.add_device(id, root, od.mapped_blocks)
     }
 
     /// Delete a device; data blocks no longer referenced become free.
