@@ -118,6 +118,13 @@ impl Volume {
     /// Read `buf.len()` bytes at `offset`. Unmapped blocks read as zeros. The blocks of one
     /// request are looked up together and contiguous data blocks are read with one call.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_sparse(buf, offset).map(|_| ())
+    }
+
+    /// [`read_at`](Self::read_at), also saying where the unmapped blocks are: returns the
+    /// holes as `(start, len)` inside `buf`, merged and ascending (they read as zeros). An NBD
+    /// server answers those parts with hole chunks.
+    pub fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<(usize, usize)>> {
         self.check_range(offset, buf.len() as u64)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         let bs = self.inner.block_size;
@@ -143,11 +150,16 @@ impl Volume {
                 })
                 .collect::<Result<_>>()?
         };
+        let mut holes: Vec<(usize, usize)> = Vec::new();
         let mut i = 0;
         while i < pieces.len() {
             let p = &pieces[i];
             let Some(d) = mapped[i] else {
                 buf[p.at..p.at + p.len].fill(0);
+                match holes.last_mut() {
+                    Some((s, l)) if *s + *l == p.at => *l += p.len,
+                    _ => holes.push((p.at, p.len)),
+                }
                 i += 1;
                 continue;
             };
@@ -161,7 +173,7 @@ impl Volume {
             self.inner.data.read_at(out, d * bs + p.off as u64)?;
             i = j;
         }
-        Ok(())
+        Ok(holes)
     }
 
     /// Write `data` at `offset` (durable after the next flush or commit).
