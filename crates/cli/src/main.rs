@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod meta;
+mod nbd;
 mod pool;
 mod size;
 mod vol;
@@ -48,6 +49,9 @@ enum Command {
     /// Thin volumes and snapshots: create, snapshot, ls, resize, rm, import, export.
     #[command(subcommand)]
     Vol(vol::VolCommand),
+    /// Serve volumes over NBD (qemu, nbdcopy, fio, nbd-client).
+    #[command(subcommand)]
+    Nbd(nbd::NbdCommand),
     /// Metadata toolbox: check, dump, restore, repair, ls, delta, size (like
     /// thin-provisioning-tools), on a metadata file or block device.
     #[command(subcommand)]
@@ -73,6 +77,7 @@ fn main() {
         Command::Pool(cmd) => pool::run(&root, cmd),
         Command::Vol(cmd) => vol::run(&root, cmd),
         Command::Meta(cmd) => meta::run(cmd),
+        Command::Nbd(cmd) => nbd::run(&root, cmd),
     };
     match code {
         Ok(code) => std::process::exit(code),

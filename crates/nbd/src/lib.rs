@@ -1,0 +1,75 @@
+//! thinpool's NBD server: every volume of a pool exported by name to real NBD clients
+//! (qemu, libnbd tools, fio, the kernel's nbd-client).
+//!
+//! Protocol: the NBD project's `doc/proto.md`, fixed-newstyle only. Handshake options
+//! `EXPORT_NAME`, `ABORT`, `LIST`, `STARTTLS`, `INFO`, `GO`, `STRUCTURED_REPLY`,
+//! `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`); commands `READ` (structured
+//! replies with hole chunks), `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES` (`NO_HOLE`,
+//! `FAST_ZERO`), `CACHE`, `BLOCK_STATUS`, `DISC`, with `FUA`. Many requests in flight per
+//! connection, answered as they finish; many connections (flush is global, so
+//! `CAN_MULTI_CONN`).
+//!
+//! Export names: a volume's name serves it read-write (read-only with `--read-only`);
+//! `NAME@ro` serves it read-only; an empty name picks the only volume of a one-volume pool.
+
+#![forbid(unsafe_code)]
+// NBD is big-endian on the wire: big-endian conversions are the norm here.
+#![allow(clippy::big_endian_bytes)]
+#![deny(clippy::little_endian_bytes)]
+
+pub mod proto;
+
+mod handshake;
+mod server;
+mod sock;
+mod tls;
+mod transmit;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use server::NbdServer;
+
+/// Where and how to serve.
+#[derive(Debug, Clone, Default)]
+pub struct NbdConfig {
+    /// Unix socket path (created mode 0600; a stale file is replaced).
+    pub unix_socket: Option<PathBuf>,
+    /// TCP address. Non-loopback addresses need TLS.
+    pub tcp: Option<SocketAddr>,
+    /// TLS certificate chain (PEM). With TLS configured, TCP clients must use STARTTLS; unix
+    /// socket clients may.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Every export read-only.
+    pub read_only: bool,
+    /// Snapshots read-only (their origins stay writable).
+    pub snapshots_read_only: bool,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// Which socket.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file is unusable.
+    #[error("TLS file {}: {message}", path.display())]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The configuration is refused.
+    #[error("{0}")]
+    Config(String),
+}

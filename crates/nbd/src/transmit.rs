@@ -1,0 +1,319 @@
+//! The transmission phase: several workers per connection take turns reading a request
+//! (header and payload) and then serve it and write the reply on their own, so many requests
+//! are in flight and replies go out in the order they finish (as nbdkit's threads do). The
+//! reply is one `writev` under the writer lock.
+
+use std::io::{self, BufReader, IoSlice, Read};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use thinpool_engine::{ErrorKind, Volume};
+
+use crate::handshake::Session;
+use crate::proto::*;
+use crate::sock::Sock;
+
+/// Requests served at once per connection.
+pub(crate) const WORKERS: usize = 16;
+
+/// One connection in transmission.
+pub(crate) struct Conn {
+    reader: Mutex<BufReader<Sock>>,
+    writer: Mutex<Sock>,
+    /// Set when the client disconnected or broke the protocol: no more requests are read.
+    done: AtomicBool,
+    session: Session,
+    rules: ExportRules,
+    id: u64,
+}
+
+impl Conn {
+    pub fn new(sock: Sock, session: Session, id: u64) -> io::Result<Conn> {
+        let writer = sock.try_clone()?;
+        let rules = ExportRules {
+            size: session.volume.size(),
+            read_only: session.read_only,
+            structured: session.structured,
+            base_allocation: session.base_allocation,
+        };
+        Ok(Conn {
+            reader: Mutex::new(BufReader::with_capacity(64 << 10, sock)),
+            writer: Mutex::new(writer),
+            done: AtomicBool::new(false),
+            session,
+            rules,
+            id,
+        })
+    }
+
+    /// Serve requests until the client leaves. Runs on every worker thread of the connection.
+    pub fn serve(self: &Arc<Self>) {
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(req) = self.next_request(&mut buf) {
+            if let Err(e) = self.handle(&req, &mut buf) {
+                tracing::debug!(conn = self.id, "writing a reply failed: {e}");
+                self.stop();
+                break;
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Ok(w) = self.writer.lock() {
+            w.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// Read the next request (and a write's payload into `buf`), or `None` when the
+    /// connection is over.
+    fn next_request(&self, buf: &mut Vec<u8>) -> Option<Request> {
+        let mut r = self.reader.lock().ok()?;
+        if self.done.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut h = [0u8; REQUEST_LEN];
+        if let Err(e) = r.read_exact(&mut h) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                tracing::debug!(conn = self.id, "reading a request: {e}");
+            }
+            self.done.store(true, Ordering::SeqCst);
+            return None;
+        }
+        let req = match Request::parse(&h) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(conn = self.id, "{e}: closing the connection");
+                self.done.store(true, Ordering::SeqCst);
+                return None;
+            }
+        };
+        if req.kind == CMD_DISC {
+            self.done.store(true, Ordering::SeqCst);
+            return None;
+        }
+        if req.has_payload() {
+            if req.length > MAX_PAYLOAD {
+                // The payload cannot be skipped safely at this size: the protocol lets us close.
+                tracing::warn!(
+                    conn = self.id,
+                    length = req.length,
+                    "write larger than {MAX_PAYLOAD} bytes: closing the connection"
+                );
+                self.done.store(true, Ordering::SeqCst);
+                return None;
+            }
+            buf.resize(req.length as usize, 0);
+            if let Err(e) = r.read_exact(buf) {
+                tracing::debug!(conn = self.id, "client left in the middle of a write: {e}");
+                self.done.store(true, Ordering::SeqCst);
+                return None;
+            }
+        }
+        Some(req)
+    }
+
+    fn handle(&self, req: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
+        let cmd = match classify(req, &self.rules) {
+            Ok(c) => c,
+            Err(errno) => return self.error(req, errno, "request refused by the protocol's rules"),
+        };
+        let vol = &self.session.volume;
+        let r = match cmd {
+            Command::Read { df } => return self.read(req, df, buf),
+            Command::BlockStatus { req_one } => return self.block_status(req, req_one),
+            Command::Write { fua } => {
+                let data = &buf[..req.length as usize];
+                if fua {
+                    vol.write_fua(data, req.offset)
+                } else {
+                    vol.write_at(data, req.offset)
+                }
+            }
+            Command::Flush => vol.flush(),
+            Command::Trim { fua } => vol
+                .discard(req.offset, u64::from(req.length))
+                .and_then(|_| if fua { vol.flush() } else { Ok(()) }),
+            Command::WriteZeroes { fua, no_hole, fast } => {
+                if no_hole && fast {
+                    // Allocating zeros means writing them: not fast.
+                    return self.error(req, Errno::NotSup, "allocated zeroing is not fast here");
+                }
+                let r = if no_hole {
+                    write_allocated_zeroes(vol, req.offset, u64::from(req.length))
+                } else {
+                    vol.write_zeroes(req.offset, u64::from(req.length))
+                };
+                r.and_then(|_| if fua { vol.flush() } else { Ok(()) })
+            }
+            Command::Cache => Ok(()),
+            Command::Disconnect => Ok(()),
+        };
+        match r {
+            Ok(()) => self.send(&mut [IoSlice::new(&simple_reply(req.cookie, 0))]),
+            Err(e) => self.engine_error(req, &e),
+        }
+    }
+
+    fn engine_error(&self, req: &Request, e: &thinpool_engine::Error) -> io::Result<()> {
+        let errno = match e.kind() {
+            ErrorKind::NoSpace => Errno::NoSpc,
+            ErrorKind::ReadOnly => Errno::Perm,
+            ErrorKind::InvalidArgument => Errno::Inval,
+            _ => Errno::Io,
+        };
+        tracing::warn!(
+            conn = self.id,
+            volume = self.session.volume.name(),
+            kind = req.kind,
+            offset = req.offset,
+            length = req.length,
+            "request failed: {e}"
+        );
+        self.error(req, errno, &e.to_string())
+    }
+
+    fn error(&self, req: &Request, errno: Errno, msg: &str) -> io::Result<()> {
+        if self.session.structured && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS) {
+            let payload = error_chunk(errno, msg);
+            let h = chunk_header(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                payload.len() as u32,
+            );
+            self.send(&mut [IoSlice::new(&h), IoSlice::new(&payload)])
+        } else {
+            self.send(&mut [IoSlice::new(&simple_reply(req.cookie, errno as u32))])
+        }
+    }
+
+    fn send(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| io::Error::other("writer lock poisoned"))?;
+        w.write_all_vectored(bufs)
+    }
+
+    fn read(&self, req: &Request, df: bool, buf: &mut Vec<u8>) -> io::Result<()> {
+        let len = req.length as usize;
+        buf.resize(len, 0);
+        let holes = match self.session.volume.read_sparse(buf, req.offset) {
+            Ok(h) => h,
+            Err(e) => return self.engine_error(req, &e),
+        };
+        if !self.session.structured {
+            let h = simple_reply(req.cookie, 0);
+            return self.send(&mut [IoSlice::new(&h), IoSlice::new(buf)]);
+        }
+        if df || holes.is_empty() || len == 0 {
+            let h = chunk_header(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                8 + req.length,
+            );
+            let off = req.offset.to_be_bytes();
+            return self.send(&mut [IoSlice::new(&h), IoSlice::new(&off), IoSlice::new(buf)]);
+        }
+        // Data and hole chunks in order; the last one carries DONE.
+        let mut segs: Vec<(usize, usize, bool)> = Vec::with_capacity(2 * holes.len() + 1);
+        let mut pos = 0;
+        for &(s, l) in &holes {
+            if s > pos {
+                segs.push((pos, s - pos, false));
+            }
+            segs.push((s, l, true));
+            pos = s + l;
+        }
+        if pos < len {
+            segs.push((pos, len - pos, false));
+        }
+        let mut heads: Vec<[u8; 32]> = Vec::with_capacity(segs.len());
+        for (i, &(s, l, hole)) in segs.iter().enumerate() {
+            let flags = if i + 1 == segs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            let mut h = [0u8; 32];
+            let off = (req.offset + s as u64).to_be_bytes();
+            if hole {
+                h[..20].copy_from_slice(&chunk_header(
+                    req.cookie,
+                    flags,
+                    REPLY_TYPE_OFFSET_HOLE,
+                    12,
+                ));
+                h[20..28].copy_from_slice(&off);
+                h[28..32].copy_from_slice(&(l as u32).to_be_bytes());
+            } else {
+                h[..20].copy_from_slice(&chunk_header(
+                    req.cookie,
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    8 + l as u32,
+                ));
+                h[20..28].copy_from_slice(&off);
+            }
+            heads.push(h);
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * segs.len());
+        for (h, &(s, l, hole)) in heads.iter().zip(&segs) {
+            if hole {
+                slices.push(IoSlice::new(h));
+            } else {
+                slices.push(IoSlice::new(&h[..28]));
+                slices.push(IoSlice::new(&buf[s..s + l]));
+            }
+        }
+        self.send(&mut slices)
+    }
+
+    fn block_status(&self, req: &Request, req_one: bool) -> io::Result<()> {
+        let vol = &self.session.volume;
+        let end = req.offset + u64::from(req.length);
+        let mapped = match vol.mapped_extents(req.offset, u64::from(req.length)) {
+            Ok(m) => m,
+            Err(e) => return self.engine_error(req, &e),
+        };
+        let mut desc: Vec<(u32, u32)> = Vec::with_capacity(2 * mapped.len() + 1);
+        let mut pos = req.offset;
+        for (o, l) in mapped {
+            if o > pos {
+                desc.push(((o - pos) as u32, STATE_HOLE | STATE_ZERO));
+            }
+            desc.push((l as u32, 0));
+            pos = o + l;
+        }
+        if pos < end {
+            desc.push(((end - pos) as u32, STATE_HOLE | STATE_ZERO));
+        }
+        if req_one {
+            desc.truncate(1);
+        }
+        let payload = block_status_chunk(&desc);
+        let h = chunk_header(
+            req.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            payload.len() as u32,
+        );
+        self.send(&mut [IoSlice::new(&h), IoSlice::new(&payload)])
+    }
+}
+
+/// Write zeros that stay allocated (`NBD_CMD_WRITE_ZEROES` with `NO_HOLE`).
+fn write_allocated_zeroes(vol: &Volume, offset: u64, len: u64) -> thinpool_engine::Result<()> {
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
+        vol.write_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
