@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use thinpool_engine::{Pool, PoolOptions};
 use thinpool_nbd::{NbdConfig, NbdServer};
@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// refused without TLS.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
-    /// TLS certificate chain (PEM): TCP clients must then use TLS (STARTTLS).
+    /// TLS certificate chain (PEM): TCP clients must then use TLS (STARTTLS); unix socket
+    /// clients may.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM) for --tls-cert.
@@ -44,11 +45,6 @@ pub struct ServeArgs {
 
 pub fn run(root: &Path, cmd: NbdCommand) -> Result<i32> {
     let NbdCommand::Serve(a) = cmd;
-    if a.tls_psk.is_some() {
-        bail!(
-            "--tls-psk is not supported yet (rustls has no pre-shared-key TLS); use --tls-cert/--tls-key"
-        );
-    }
     let socket = match (&a.socket, &a.listen) {
         (Some(s), _) => Some(s.clone()),
         (None, None) => Some(root.join("nbd.sock")),
@@ -59,6 +55,7 @@ pub fn run(root: &Path, cmd: NbdCommand) -> Result<i32> {
         tcp: a.listen,
         tls_cert: a.tls_cert,
         tls_key: a.tls_key,
+        tls_psk: a.tls_psk,
         read_only: a.read_only,
         snapshots_read_only: a.snapshots_read_only,
     };

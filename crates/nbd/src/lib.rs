@@ -42,6 +42,8 @@ pub struct NbdConfig {
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// TLS with pre-shared keys instead of a certificate: `identity:hexkey` lines.
+    pub tls_psk: Option<PathBuf>,
     /// Every export read-only.
     pub read_only: bool,
     /// Snapshots read-only (their origins stay writable).

@@ -61,9 +61,15 @@ impl NbdServer {
                 "give a unix socket, a TCP address or both".into(),
             ));
         }
-        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(c), Some(k)) => Some(crate::tls::load_config(c, k)?),
-            (None, None) => None,
+        let tls = match (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_psk) {
+            (Some(c), Some(k), None) => Some(crate::tls::load_cert(c, k)?),
+            (None, None, Some(p)) => Some(crate::tls::load_psk(p)?),
+            (None, None, None) => None,
+            (_, _, Some(_)) => {
+                return Err(Error::Config(
+                    "give either a certificate (--tls-cert/--tls-key) or a PSK file (--tls-psk), not both".into(),
+                ));
+            }
             _ => {
                 return Err(Error::Config(
                     "TLS needs both a certificate (--tls-cert) and its key (--tls-key)".into(),

@@ -1,11 +1,16 @@
-//! TLS for `NBD_OPT_STARTTLS` (rustls, x509 certificates). After the client's STARTTLS is
-//! acknowledged, the raw socket goes to a pump task that terminates TLS and relays plaintext
+//! TLS for `NBD_OPT_STARTTLS`: x509 certificates with rustls, or a pre-shared key with OpenSSL
+//! (rustls has no external-PSK support; qemu, nbdkit and libnbd all offer PSK through GnuTLS,
+//! with the same `identity:hexkey` key files). After the client's STARTTLS is acknowledged, the raw socket goes to a pump task that terminates TLS and relays plaintext
 //! through a unix socket pair; the handshake and transmission code keep working on the pair's
 //! other end exactly as on a plain connection.
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use openssl::ssl::{Ssl, SslContext, SslMethod, SslOptions};
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
@@ -15,8 +20,82 @@ use tokio_rustls::TlsAcceptor;
 use crate::Error;
 use crate::sock::Sock;
 
+/// How TLS connections are accepted.
+#[derive(Clone)]
+pub(crate) enum Acceptor {
+    /// x509 certificate (rustls).
+    Cert(TlsAcceptor),
+    /// Pre-shared keys (OpenSSL).
+    Psk(SslContext),
+}
+
+/// Read a PSK file: `identity:hexkey` per line (the format of GnuTLS `psktool`, used by qemu
+/// and nbdkit).
+pub(crate) fn load_psk(path: &Path) -> Result<Acceptor, Error> {
+    let err = |message: String| Error::Tls {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let mut keys: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((id, hex)) = line.split_once(':') else {
+            return Err(err(format!("line {}: expected identity:hexkey", i + 1)));
+        };
+        let key = decode_hex(hex.trim()).ok_or_else(|| {
+            err(format!(
+                "line {}: the key is not an even number of hex digits",
+                i + 1
+            ))
+        })?;
+        if key.is_empty() || key.len() > 256 {
+            return Err(err(format!(
+                "line {}: key length {} is not 1 to 256 bytes",
+                i + 1,
+                key.len()
+            )));
+        }
+        keys.insert(id.as_bytes().to_vec(), key);
+    }
+    if keys.is_empty() {
+        return Err(err("no keys in the file".into()));
+    }
+    let ssl_err = |e: openssl::error::ErrorStack| err(format!("OpenSSL: {e}"));
+    let mut b = SslContext::builder(SslMethod::tls_server()).map_err(ssl_err)?;
+    b.set_options(SslOptions::NO_TICKET);
+    // TLS 1.2 PSK suites; TLS 1.3 uses the same callback with its SHA-256 suites.
+    b.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!NULL")
+        .map_err(ssl_err)?;
+    b.set_psk_server_callback(move |_ssl, identity, out| {
+        let key = identity.and_then(|id| keys.get(id));
+        match key {
+            Some(k) if k.len() <= out.len() => {
+                out[..k.len()].copy_from_slice(k);
+                Ok(k.len())
+            }
+            // Unknown identity: a zero-length key makes the handshake fail.
+            _ => Ok(0),
+        }
+    });
+    Ok(Acceptor::Psk(b.build()))
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Certificate chain and key files (PEM).
-pub(crate) fn load_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Error> {
+pub(crate) fn load_cert(cert: &Path, key: &Path) -> Result<Acceptor, Error> {
     let tls_err = |path: &Path, what: String| Error::Tls {
         path: path.to_path_buf(),
         message: what,
@@ -42,26 +121,23 @@ pub(crate) fn load_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
                 format!("certificate and key do not fit together: {e}"),
             )
         })?;
-    Ok(Arc::new(cfg))
+    Ok(Acceptor::Cert(TlsAcceptor::from(Arc::new(cfg))))
 }
 
 /// Terminates TLS connections on a small runtime of its own.
 pub(crate) struct Pump {
     rt: tokio::runtime::Runtime,
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
 }
 
 impl Pump {
-    pub fn new(cfg: Arc<ServerConfig>) -> std::io::Result<Pump> {
+    pub fn new(acceptor: Acceptor) -> std::io::Result<Pump> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("nbd-tls")
             .enable_io()
             .build()?;
-        Ok(Pump {
-            rt,
-            acceptor: TlsAcceptor::from(cfg),
-        })
+        Ok(Pump { rt, acceptor })
     }
 
     /// Start TLS on `raw` (the client speaks TLS next); returns the plaintext end.
@@ -75,13 +151,11 @@ impl Pump {
                 match raw {
                     Sock::Tcp(s) => {
                         s.set_nonblocking(true)?;
-                        let s = tokio::net::TcpStream::from_std(s)?;
-                        relay(acceptor.accept(s).await?, plain).await
+                        accept(&acceptor, tokio::net::TcpStream::from_std(s)?, plain).await
                     }
                     Sock::Unix(s) => {
                         s.set_nonblocking(true)?;
-                        let s = tokio::net::UnixStream::from_std(s)?;
-                        relay(acceptor.accept(s).await?, plain).await
+                        accept(&acceptor, tokio::net::UnixStream::from_std(s)?, plain).await
                     }
                 }
             }
@@ -91,6 +165,28 @@ impl Pump {
             }
         });
         Ok(Sock::Unix(ours))
+    }
+}
+
+async fn accept<S>(
+    acceptor: &Acceptor,
+    raw: S,
+    plain: tokio::net::UnixStream,
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match acceptor {
+        Acceptor::Cert(a) => relay(a.accept(raw).await?, plain).await,
+        Acceptor::Psk(ctx) => {
+            let ssl = Ssl::new(ctx).map_err(std::io::Error::other)?;
+            let mut s = tokio_openssl::SslStream::new(ssl, raw).map_err(std::io::Error::other)?;
+            Pin::new(&mut s)
+                .accept()
+                .await
+                .map_err(|e| std::io::Error::other(format!("TLS-PSK handshake: {e}")))?;
+            relay(s, plain).await
+        }
     }
 }
 
