@@ -344,14 +344,15 @@ pub fn classify(req: &Request, rules: &ExportRules) -> Result<Command, Errno> {
         }
         _ => return Err(Errno::Inval),
     };
-    // Flags that only make sense on some commands.
-    let allowed = match cmd {
-        Command::Read { .. } => CMD_FLAG_DF,
-        Command::Write { .. } | Command::Trim { .. } => CMD_FLAG_FUA,
-        Command::WriteZeroes { .. } => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        Command::BlockStatus { .. } => CMD_FLAG_REQ_ONE,
-        _ => 0,
-    };
+    // Flags that only make sense on some commands. FUA is accepted on every command (the
+    // protocol says so once `SEND_FUA` is advertised) and ignored where nothing is written.
+    let allowed = CMD_FLAG_FUA
+        | match cmd {
+            Command::Read { .. } => CMD_FLAG_DF,
+            Command::WriteZeroes { .. } => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            Command::BlockStatus { .. } => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
     if req.flags & !allowed != 0 {
         return Err(Errno::Inval);
     }
@@ -629,6 +630,10 @@ mod tests {
         );
         assert_eq!(
             classify(&req(CMD_READ, CMD_FLAG_FUA, 0, 1), &r),
+            Ok(Command::Read { df: false })
+        );
+        assert_eq!(
+            classify(&req(CMD_TRIM, CMD_FLAG_DF, 0, 1), &r),
             Err(Errno::Inval)
         );
         assert_eq!(

@@ -208,7 +208,12 @@ impl Conn {
             let h = simple_reply(req.cookie, 0);
             return self.send(&mut [IoSlice::new(&h), IoSlice::new(buf)]);
         }
-        if df || holes.is_empty() || len == 0 {
+        if len == 0 {
+            // A chunk must describe at least one byte: answer with an empty final chunk.
+            let h = chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+            return self.send(&mut [IoSlice::new(&h)]);
+        }
+        if df || holes.is_empty() {
             let h = chunk_header(
                 req.cookie,
                 REPLY_FLAG_DONE,
