@@ -7,9 +7,15 @@
 //! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
 //! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
 //!   out compared byte for byte; `thin_check` on what they leave.
+//! - `daemon`: the same commands while a daemon holds the pool (through its control socket),
+//!   printing exactly what they print without one.
+//! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
+//!   nbdsh, fio, TLS) and a raw protocol client.
 
 mod cli_pool;
+mod daemon;
 mod engine_kernel;
 mod kernel;
 mod kernel_api;
+mod nbd;
 mod oracle;

@@ -12,6 +12,7 @@
 //! - [`run`], [`run_ok`], [`stdout_of`]: run a command, show its stderr when it fails.
 //! - [`pool`]: an in-memory model of a pool as `thin_dump` prints it, with a random generator.
 //! - [`kernel`]: boot the kernel on a pool and read blocks back.
+//! - [`nbd`]: `thinpool nbd serve` as a child process, NBD client wrappers, a raw NBD client.
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -23,6 +24,7 @@ use std::sync::OnceLock;
 pub use tempfile::{TempDir, TempPath};
 
 pub mod kernel;
+pub mod nbd;
 pub mod pool;
 
 /// The committed dm-thin test vectors (`../shared/testdata/dm-thin/NAME.meta.gz` and `NAME.xml`).

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod client;
 mod meta;
 mod nbd;
 mod pool;

@@ -1,12 +1,16 @@
 //! `thinpool pool …`: create a pool, show its status, grow it. Each command is one call into
-//! `thinpool-engine`; this module only turns flags into a `PoolConfig` and prints the answer.
+//! `thinpool-engine` — through the daemon when one serves the pool (`client`), else on the pool
+//! opened for the command; this module only turns flags into a `PoolConfig` and prints the
+//! answer.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use thinpool_engine::{Pool, PoolConfig, PoolMode, PoolOptions, PoolStatus};
+use thinpool_control::{PoolMode, PoolStatus};
+use thinpool_engine::{Pool, PoolConfig, PoolOptions};
 
+use crate::client::{self, Target};
 use crate::size::{human, parse_size, percent};
 
 /// Metadata blocks are always 4 KiB (dm-thin format).
@@ -79,10 +83,17 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
             }
             cfg.data_path = data;
             cfg.metadata_path = metadata;
+            if let Some(c) = client::daemon(root)? {
+                anyhow::bail!(
+                    "creating a pool at {at}: {at} already holds a pool, served by the thinpool \
+                     daemon (pid {})",
+                    c.daemon().pid
+                );
+            }
             let pool = Pool::create(root, &cfg, options())
                 .with_context(|| format!("creating a pool at {at}"))?;
             finish(pool, root, |pool| {
-                let s = pool
+                let s = Target::Local(pool)
                     .status()
                     .with_context(|| format!("reading the status of the pool at {at}"))?;
                 Ok(format!(
@@ -95,7 +106,7 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
                 ))
             })
         }
-        PoolCommand::Status { json } => with_pool(root, |pool| {
+        PoolCommand::Status { json } => with_daemon_or_pool(root, |pool| {
             let status = pool
                 .status()
                 .with_context(|| format!("reading the status of the pool at {at}"))?;
@@ -108,7 +119,7 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
         PoolCommand::Grow {
             data_size,
             metadata_size,
-        } => with_pool(root, |pool| {
+        } => with_daemon_or_pool(root, |pool| {
             let before = pool
                 .status()
                 .with_context(|| format!("reading the status of the pool at {at}"))?;
@@ -126,6 +137,25 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
             ))
         }),
     }
+}
+
+/// Run `f` through the daemon serving the pool at `root` if one answers, else on the pool
+/// opened for this command (see [`with_pool`]); then print what `f` returned.
+pub fn with_daemon_or_pool(
+    root: &Path,
+    f: impl FnOnce(&mut Target<'_>) -> Result<String>,
+) -> Result<i32> {
+    if let Some(mut daemon) = client::daemon(root)? {
+        tracing::debug!(
+            "the pool at {} is served by the daemon (pid {}): going through it",
+            root.display(),
+            daemon.daemon().pid
+        );
+        let text = f(&mut Target::Daemon(&mut daemon))?;
+        print!("{text}");
+        return Ok(0);
+    }
+    with_pool(root, |pool| f(&mut Target::Local(pool)))
 }
 
 /// Open the pool at `root`, run `f` on it, close it, then print what `f` returned.
@@ -213,10 +243,11 @@ fn render_status(root: &Path, s: &PoolStatus) -> String {
         ),
         (
             "Volumes",
+            // The engine counts thin volumes (`volumes`) and snapshots apart.
             format!(
                 "{} ({} thin, {} snapshots)",
+                s.volumes + s.snapshots,
                 s.volumes,
-                s.volumes.saturating_sub(s.snapshots),
                 s.snapshots
             ),
         ),

@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use thinpool_engine::{ErrorKind, Pool, Volume, VolumeInfo, VolumeKind};
+use thinpool_control::{VolumeInfo, VolumeKind};
+use thinpool_engine::{ErrorKind, Pool, Volume};
 
+use crate::client::{self, Target};
 use crate::pool;
 use crate::size::{human, parse_size, percent};
 
@@ -104,11 +106,47 @@ pub enum VolCommand {
 }
 
 pub fn run(root: &Path, cmd: VolCommand) -> Result<i32> {
-    pool::with_pool(root, |pool| exec(pool, root, cmd))
+    match cmd {
+        VolCommand::Import { .. } | VolCommand::Export { .. } => {
+            if let Some(daemon) = client::daemon(root)? {
+                bail!(copy_through_nbd(root, &cmd, daemon.daemon().pid));
+            }
+            pool::with_pool(root, |pool| copy(pool, root, cmd))
+        }
+        cmd => pool::with_daemon_or_pool(root, |target| exec(target, root, cmd)),
+    }
 }
 
-/// One command on the open pool; returns what to print once the pool is closed.
-fn exec(pool: &Pool, root: &Path, cmd: VolCommand) -> Result<String> {
+/// Why `vol import`/`vol export` cannot run while a daemon holds the pool (they need the
+/// pool's volumes open in this process), and the NBD command that does the same copy.
+fn copy_through_nbd(root: &Path, cmd: &VolCommand, pid: u32) -> String {
+    let at = root.display();
+    let url = |name: &str| format!("'nbd+unix:///{name}?socket={at}/nbd.sock'");
+    let held = format!(
+        "the thinpool daemon (pid {pid}) holds the pool, so this command cannot open it; copy \
+         through the daemon's NBD export instead"
+    );
+    match cmd {
+        VolCommand::Import { name, file } => format!(
+            "importing {} into volume {name:?} of the pool at {at}: {held}: create the volume if \
+             needed (`thinpool vol create {name} --size SIZE`), then run `nbdcopy {} {}`",
+            file.display(),
+            file.display(),
+            url(name)
+        ),
+        VolCommand::Export { name, file } => format!(
+            "exporting volume {name:?} of the pool at {at} to {}: {held}: run `nbdcopy {} {}`",
+            file.display(),
+            url(name),
+            file.display()
+        ),
+        _ => held,
+    }
+}
+
+/// One command that only changes or reads metadata, through the daemon or on the open pool;
+/// returns what to print (once the pool is closed, when this command opened it).
+fn exec(pool: &mut Target<'_>, root: &Path, cmd: VolCommand) -> Result<String> {
     let at = root.display();
     Ok(match cmd {
         VolCommand::Create { name, size } => {
@@ -162,6 +200,16 @@ fn exec(pool: &Pool, root: &Path, cmd: VolCommand) -> Result<String> {
                 .with_context(|| format!("removing volume {name:?} from the pool at {at}"))?;
             format!("removed volume {name}\n")
         }
+        VolCommand::Import { .. } | VolCommand::Export { .. } => {
+            bail!("internal: vol import/export are run by `copy`, on the pool itself")
+        }
+    })
+}
+
+/// `vol import` / `vol export` on the pool opened by this command.
+fn copy(pool: &Pool, root: &Path, cmd: VolCommand) -> Result<String> {
+    let at = root.display();
+    Ok(match cmd {
         VolCommand::Import { name, file } => {
             let stats = import(pool, &name, &file).with_context(|| {
                 format!(
@@ -190,6 +238,7 @@ fn exec(pool: &Pool, root: &Path, cmd: VolCommand) -> Result<String> {
                 human(stats.skipped),
             )
         }
+        other => exec(&mut Target::Local(pool), root, other)?,
     })
 }
 

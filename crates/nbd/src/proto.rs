@@ -375,8 +375,10 @@ pub fn classify(req: &Request, rules: &ExportRules) -> Result<Command, Errno> {
     }
     match req.offset.checked_add(u64::from(req.length)) {
         Some(end) if end <= rules.size => Ok(cmd),
-        // A write past the end is "no space"; anything else out of range is invalid.
-        _ if writes => Err(Errno::NoSpc),
+        // A write past the end is "no space"; a read or trim out of range is invalid.
+        _ if matches!(cmd, Command::Write { .. } | Command::WriteZeroes { .. }) => {
+            Err(Errno::NoSpc)
+        }
         _ => Err(Errno::Inval),
     }
 }

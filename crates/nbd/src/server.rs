@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,7 +32,8 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     /// Sockets of live connections (clones), to shut them down on stop.
     live: Mutex<HashMap<u64, Sock>>,
-    idle: Condvar,
+    /// Connection threads, joined on stop (so no thread holds the pool afterwards).
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -96,7 +97,7 @@ impl NbdServer {
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
-            idle: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
         });
         let mut server = NbdServer {
             shared: shared.clone(),
@@ -186,18 +187,20 @@ impl NbdServer {
         if let Some(p) = &self.unix {
             let _ = std::fs::remove_file(p);
         }
-        let mut live = self.shared.live.lock().expect("connection table poisoned");
-        for s in live.values() {
+        for s in self
+            .shared
+            .live
+            .lock()
+            .expect("connection table poisoned")
+            .values()
+        {
             // Workers see end-of-file after the requests they already read.
             s.shutdown(Shutdown::Read);
         }
-        while !live.is_empty() {
-            live = self
-                .shared
-                .idle
-                .wait_timeout(live, Duration::from_millis(100))
-                .expect("connection table poisoned")
-                .0;
+        let threads =
+            std::mem::take(&mut *self.shared.threads.lock().expect("thread list poisoned"));
+        for t in threads {
+            let _ = t.join();
         }
         tracing::info!("NBD server stopped");
     }
@@ -256,15 +259,23 @@ fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
             run_connection(&sh, sock, tls_required, id);
-            let mut live = sh.live.lock().expect("connection table poisoned");
-            live.remove(&id);
-            sh.idle.notify_all();
+            sh.live
+                .lock()
+                .expect("connection table poisoned")
+                .remove(&id);
         });
-    if r.is_err() {
-        tracing::warn!("cannot start a thread for connection {id}");
-        let mut live = shared.live.lock().expect("connection table poisoned");
-        if let Some(s) = live.remove(&id) {
-            s.shutdown(Shutdown::Both);
+    match r {
+        Ok(h) => {
+            let mut threads = shared.threads.lock().expect("thread list poisoned");
+            threads.retain(|t| !t.is_finished());
+            threads.push(h);
+        }
+        Err(_) => {
+            tracing::warn!("cannot start a thread for connection {id}");
+            let mut live = shared.live.lock().expect("connection table poisoned");
+            if let Some(s) = live.remove(&id) {
+                s.shutdown(Shutdown::Both);
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -35,6 +36,15 @@ impl Sock {
         }
     }
 
+    /// Whether bytes are waiting to be read (without blocking).
+    pub fn readable_now(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            self,
+            rustix::event::PollFlags::IN,
+        )];
+        matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())), Ok(n) if n > 0)
+    }
+
     /// Write all of `bufs` (one `writev` in the common case).
     pub fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         IoSlice::advance_slices(&mut bufs, 0);
@@ -48,6 +58,15 @@ impl Sock {
             IoSlice::advance_slices(&mut bufs, n);
         }
         Ok(())
+    }
+}
+
+impl AsFd for Sock {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Unix(s) => s.as_fd(),
+            Sock::Tcp(s) => s.as_fd(),
+        }
     }
 }
 

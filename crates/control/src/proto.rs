@@ -1,0 +1,304 @@
+//! The messages of the control protocol and their framing: one JSON object per line
+//! (newline-delimited JSON), a request answered by exactly one response, in order.
+
+use std::io::{BufRead, Read as _, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks (sent in [`Request::Hello`], answered in [`Hello`]).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The control socket's file name inside a pool root.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Longest request line a daemon reads (1 MiB); longer ones are refused and the connection
+/// closed.
+pub const MAX_REQUEST_LEN: usize = 1 << 20;
+
+/// Longest response line a client reads (1 GiB: a list of millions of volumes still fits).
+pub const MAX_RESPONSE_LEN: usize = 1 << 30;
+
+/// The control socket of the pool in `root`: `<root>/control.sock`.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join(SOCKET_NAME)
+}
+
+/// A request from a client. On the wire: `{"op":"<snake_case name>", …fields}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Say which protocol the client speaks; answered with a [`Hello`].
+    Hello {
+        /// The client's [`PROTOCOL_VERSION`].
+        protocol: u32,
+    },
+    /// The pool's status (after a commit); answered with a [`PoolStatus`](crate::PoolStatus).
+    PoolStatus,
+    /// Every volume, sorted by name; answered with a list of [`VolumeInfo`](crate::VolumeInfo).
+    VolumeList,
+    /// One volume; answered with a [`VolumeInfo`](crate::VolumeInfo).
+    VolumeInfo {
+        /// Volume name.
+        name: String,
+    },
+    /// Create an empty thin volume; answered with its [`VolumeInfo`](crate::VolumeInfo).
+    VolumeCreate {
+        /// Volume name.
+        name: String,
+        /// Virtual size in bytes.
+        size: u64,
+    },
+    /// Snapshot a volume; answered with the snapshot's [`VolumeInfo`](crate::VolumeInfo).
+    VolumeSnapshot {
+        /// The volume to snapshot.
+        origin: String,
+        /// Name of the snapshot.
+        name: String,
+    },
+    /// Remove a volume; answered with `null`.
+    VolumeRemove {
+        /// Volume name.
+        name: String,
+    },
+    /// Change a volume's virtual size; answered with `null`.
+    VolumeResize {
+        /// Volume name.
+        name: String,
+        /// New size in bytes.
+        size: u64,
+    },
+    /// Grow the data and/or metadata device (`None`: take the device's current size);
+    /// answered with `null`.
+    PoolGrow {
+        /// New data device size in bytes.
+        data_size: Option<u64>,
+        /// New metadata device size in bytes.
+        metadata_size: Option<u64>,
+    },
+    /// Make everything written so far durable; answered with `null`.
+    Commit,
+}
+
+impl Request {
+    /// The request's wire name (`volume_create`), for logs and messages.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::PoolStatus => "pool_status",
+            Request::VolumeList => "volume_list",
+            Request::VolumeInfo { .. } => "volume_info",
+            Request::VolumeCreate { .. } => "volume_create",
+            Request::VolumeSnapshot { .. } => "volume_snapshot",
+            Request::VolumeRemove { .. } => "volume_remove",
+            Request::VolumeResize { .. } => "volume_resize",
+            Request::PoolGrow { .. } => "pool_grow",
+            Request::Commit => "commit",
+        }
+    }
+}
+
+/// The answer to one request. On the wire: `{"status":"ok","value":…}` or
+/// `{"status":"error","kind":"…","message":"…"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Response {
+    /// Done; `value` is the answer (see each [`Request`] variant).
+    Ok {
+        /// The answer.
+        value: serde_json::Value,
+    },
+    /// Refused or failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// What happened and where, for people (the engine's message).
+        message: String,
+    },
+}
+
+/// What kind of failure a [`Response::Error`] is. The first eight mirror `thinpool-engine`'s
+/// `ErrorKind` one for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The pool (data or metadata) is full.
+    NoSpace,
+    /// Metadata is damaged.
+    Corrupt,
+    /// A device or the socket failed.
+    Io,
+    /// No such volume or pool.
+    NotFound,
+    /// The name or pool already exists.
+    Exists,
+    /// In use.
+    Busy,
+    /// The pool is read-only.
+    ReadOnly,
+    /// Bad request (range past the end, bad size, bad name).
+    InvalidArgument,
+    /// The peer may not use this daemon (another user).
+    PermissionDenied,
+    /// A malformed or unknown message, or a protocol version mismatch.
+    Protocol,
+    /// A kind this client does not know (sent by a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+/// The answer to [`Request::Hello`]: who the daemon is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The daemon's [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// The daemon's package version.
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// The user id the daemon runs as.
+    pub uid: u32,
+    /// The pool root the daemon serves.
+    pub root: PathBuf,
+}
+
+/// A message could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("reading a message")]
+    Io(#[from] std::io::Error),
+    /// No newline within the limit.
+    #[error("message longer than {limit} bytes")]
+    TooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The line is not UTF-8.
+    #[error("message is not UTF-8")]
+    NotUtf8,
+}
+
+/// Read one message line (without its newline) of at most `limit` bytes; `Ok(None)` at the end
+/// of the stream. A last line without a newline counts. Blocks until a line or the end arrives.
+pub fn read_frame<R: BufRead>(
+    reader: &mut R,
+    limit: usize,
+) -> std::result::Result<Option<String>, FrameError> {
+    let mut buf = Vec::new();
+    // One byte over the limit tells "exactly the limit" from "too long".
+    let n = reader
+        .by_ref()
+        .take(limit as u64 + 1)
+        .read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > limit {
+        return Err(FrameError::TooLong { limit });
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| FrameError::NotUtf8)
+}
+
+/// Write `msg` as one JSON line and flush.
+pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, msg: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line)?;
+    writer.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let all = [
+            Request::Hello { protocol: 1 },
+            Request::PoolStatus,
+            Request::VolumeList,
+            Request::VolumeInfo { name: "a".into() },
+            Request::VolumeCreate {
+                name: "a".into(),
+                size: 1 << 30,
+            },
+            Request::VolumeSnapshot {
+                origin: "a".into(),
+                name: "b".into(),
+            },
+            Request::VolumeRemove { name: "a".into() },
+            Request::VolumeResize {
+                name: "a".into(),
+                size: 5,
+            },
+            Request::PoolGrow {
+                data_size: Some(1 << 40),
+                metadata_size: None,
+            },
+            Request::Commit,
+        ];
+        for r in all {
+            let s = serde_json::to_string(&r).unwrap();
+            assert!(s.contains(&format!("\"op\":\"{}\"", r.op())), "{s}");
+            assert!(!s.contains('\n'));
+            let back: Request = serde_json::from_str(&s).unwrap();
+            assert_eq!(back, r);
+        }
+    }
+
+    #[test]
+    fn unknown_error_kind_is_other() {
+        let r: Response =
+            serde_json::from_str(r#"{"status":"error","kind":"frobbed","message":"m"}"#).unwrap();
+        assert_eq!(
+            r,
+            Response::Error {
+                kind: ErrorKind::Other,
+                message: "m".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_op_is_an_error() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_everything"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"volume_info"}"#).is_err());
+    }
+
+    #[test]
+    fn frames() {
+        let mut out = Vec::new();
+        write_frame(&mut out, &Request::Commit).unwrap();
+        write_frame(&mut out, &Request::PoolStatus).unwrap();
+        out.extend_from_slice(b"last");
+        let mut r = std::io::Cursor::new(out);
+        assert_eq!(
+            read_frame(&mut r, 100).unwrap().as_deref(),
+            Some(r#"{"op":"commit"}"#)
+        );
+        assert_eq!(
+            read_frame(&mut r, 100).unwrap().as_deref(),
+            Some(r#"{"op":"pool_status"}"#)
+        );
+        assert_eq!(read_frame(&mut r, 100).unwrap().as_deref(), Some("last"));
+        assert!(read_frame(&mut r, 100).unwrap().is_none());
+    }
+
+    #[test]
+    fn frame_limits() {
+        let mut r = std::io::Cursor::new(b"12345\n123456\n".to_vec());
+        assert_eq!(read_frame(&mut r, 5).unwrap().as_deref(), Some("12345"));
+        assert!(matches!(
+            read_frame(&mut r, 5),
+            Err(FrameError::TooLong { limit: 5 })
+        ));
+        let mut r = std::io::Cursor::new(b"\xff\xfe\n".to_vec());
+        assert!(matches!(read_frame(&mut r, 5), Err(FrameError::NotUtf8)));
+    }
+}

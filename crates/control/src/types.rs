@@ -1,0 +1,131 @@
+//! The engine's answers as the control protocol carries them.
+//!
+//! These mirror `thinpool-engine`'s `PoolStatus`, `PoolMode`, `VolumeInfo` and `VolumeKind`
+//! field for field, in the same order and with the same serde names, so that serializing one
+//! of these gives exactly the JSON the engine's type gives (the CLI's `--json` output is the
+//! same with and without a daemon). The daemon's tests hold the two in step.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The pool's mode (format spec section 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PoolMode {
+    /// Normal.
+    #[serde(rename = "rw")]
+    Write,
+    /// No free data block: writes that need one wait or fail.
+    #[serde(rename = "out_of_data_space")]
+    OutOfDataSpace,
+    /// Metadata failed or ran out: no metadata changes until repaired or grown.
+    #[serde(rename = "ro")]
+    ReadOnly,
+    /// Every I/O fails.
+    #[serde(rename = "fail")]
+    Fail,
+}
+
+/// The pool's status: the kernel's pool status fields plus ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Metadata transaction id.
+    pub transaction_id: u64,
+    /// Used metadata blocks (4 KiB), counting the kernel's reserve as used.
+    pub used_metadata_blocks: u64,
+    /// Metadata blocks.
+    pub total_metadata_blocks: u64,
+    /// Used data blocks.
+    pub used_data_blocks: u64,
+    /// Data blocks.
+    pub total_data_blocks: u64,
+    /// Data block size in bytes.
+    pub block_size: u64,
+    /// Held metadata snapshot root.
+    pub held_root: Option<u64>,
+    /// Mode.
+    pub mode: PoolMode,
+    /// NEEDS_CHECK flag.
+    pub needs_check: bool,
+    /// Writes fail at once when full (else they queue).
+    pub error_if_no_space: bool,
+    /// Freed blocks are punched out of the data device.
+    pub discard_passdown: bool,
+    /// Metadata low watermark (blocks).
+    pub metadata_low_watermark: u64,
+    /// Data device path.
+    pub data_path: PathBuf,
+    /// Metadata device path.
+    pub metadata_path: PathBuf,
+    /// Thin volumes (not snapshots).
+    pub volumes: usize,
+    /// Snapshots.
+    pub snapshots: usize,
+}
+
+impl PoolStatus {
+    /// The kernel's status line (format spec section 14.1, without dmsetup's prefix), as the
+    /// engine's `PoolStatus::kernel_line` gives it.
+    pub fn kernel_line(&self) -> String {
+        if self.mode == PoolMode::Fail {
+            return "Fail".into();
+        }
+        format!(
+            "{} {}/{} {}/{} {} {} {} {} {} {}",
+            self.transaction_id,
+            self.used_metadata_blocks,
+            self.total_metadata_blocks,
+            self.used_data_blocks,
+            self.total_data_blocks,
+            self.held_root.map_or("-".to_string(), |h| h.to_string()),
+            match self.mode {
+                PoolMode::Write => "rw",
+                PoolMode::OutOfDataSpace => "out_of_data_space",
+                PoolMode::ReadOnly | PoolMode::Fail => "ro",
+            },
+            if self.discard_passdown {
+                "discard_passdown"
+            } else {
+                "no_discard_passdown"
+            },
+            if self.error_if_no_space {
+                "error_if_no_space"
+            } else {
+                "queue_if_no_space"
+            },
+            if self.needs_check { "needs_check" } else { "-" },
+            self.metadata_low_watermark
+        )
+    }
+}
+
+/// Whether a volume was created empty or as a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    /// An empty thin volume.
+    Thin,
+    /// A snapshot of another volume.
+    Snapshot,
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// Thin device id in the metadata.
+    pub thin_id: u32,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Thin or snapshot.
+    pub kind: VolumeKind,
+    /// Origin of a snapshot.
+    pub parent: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Mapped blocks.
+    pub mapped_blocks: u64,
+    /// Highest mapped virtual block.
+    pub highest_mapped_block: Option<u64>,
+}

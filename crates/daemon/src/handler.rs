@@ -1,0 +1,219 @@
+//! One control request against the pool: [`handle`] turns a [`Request`] into its
+//! [`Response`], mapping the engine's error kinds onto the protocol's.
+
+use serde::Serialize;
+use thinpool_control::{ErrorKind, Hello, Request, Response};
+use thinpool_engine::Pool;
+
+/// The protocol's kind for an engine error kind (one exhaustive match, so a new engine kind
+/// must be given a protocol kind here).
+pub(crate) fn kind_of(kind: thinpool_engine::ErrorKind) -> ErrorKind {
+    use thinpool_engine::ErrorKind as E;
+    match kind {
+        E::NoSpace => ErrorKind::NoSpace,
+        E::Corrupt => ErrorKind::Corrupt,
+        E::Io => ErrorKind::Io,
+        E::NotFound => ErrorKind::NotFound,
+        E::Exists => ErrorKind::Exists,
+        E::Busy => ErrorKind::Busy,
+        E::ReadOnly => ErrorKind::ReadOnly,
+        E::InvalidArgument => ErrorKind::InvalidArgument,
+    }
+}
+
+/// An error and its sources as one line, `outer: inner: …` — what the CLI prints for the
+/// same error when it has the pool open itself.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn answer<T: Serialize>(r: thinpool_engine::Result<T>) -> Response {
+    match r {
+        Ok(v) => match serde_json::to_value(&v) {
+            Ok(value) => Response::Ok { value },
+            Err(e) => Response::Error {
+                kind: ErrorKind::Io,
+                message: format!("encoding the answer: {e}"),
+            },
+        },
+        Err(e) => {
+            let kind = kind_of(e.kind());
+            let message = chain(&e);
+            match kind {
+                // A user's mistake, answered: not the daemon's failure.
+                ErrorKind::NotFound | ErrorKind::Exists | ErrorKind::InvalidArgument => {
+                    tracing::debug!(?kind, "request refused: {message}");
+                }
+                _ => tracing::error!(?kind, "request failed: {message}"),
+            }
+            Response::Error { kind, message }
+        }
+    }
+}
+
+/// Run `req` on `pool`; `hello` is this daemon's answer to [`Request::Hello`]. Blocks for as
+/// long as the operation takes (commits included).
+pub(crate) fn handle(pool: &Pool, hello: &Hello, req: Request) -> Response {
+    tracing::debug!(op = req.op(), request = ?req, "control request");
+    match req {
+        // A client of another protocol version gets our hello and decides (it knows both
+        // numbers, so its message can say what to do).
+        Request::Hello { .. } => answer(Ok(hello)),
+        Request::PoolStatus => answer(pool.status()),
+        Request::VolumeList => answer(pool.volumes()),
+        Request::VolumeInfo { name } => answer(pool.volume_info(&name)),
+        Request::VolumeCreate { name, size } => answer(pool.create_volume(&name, size)),
+        Request::VolumeSnapshot { origin, name } => answer(pool.snapshot(&origin, &name)),
+        Request::VolumeRemove { name } => answer(pool.remove_volume(&name)),
+        Request::VolumeResize { name, size } => answer(pool.resize_volume(&name, size)),
+        Request::PoolGrow {
+            data_size,
+            metadata_size,
+        } => answer(pool.grow(data_size, metadata_size)),
+        Request::Commit => answer(pool.commit()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinpool_engine::{PoolConfig, PoolOptions};
+
+    fn pool(dir: &std::path::Path) -> Pool {
+        let cfg = PoolConfig {
+            data_size: 64 << 20,
+            metadata_size: 4 << 20,
+            ..Default::default()
+        };
+        Pool::create(dir, &cfg, PoolOptions::default()).unwrap()
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: thinpool_control::PROTOCOL_VERSION,
+            version: "test".into(),
+            pid: 1,
+            uid: 0,
+            root: "/r".into(),
+        }
+    }
+
+    #[test]
+    fn every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let h = hello();
+        let ok = |r: Response| match r {
+            Response::Ok { value } => value,
+            Response::Error { kind, message } => panic!("{kind:?}: {message}"),
+        };
+        let v = ok(handle(&p, &h, Request::Hello { protocol: 1 }));
+        assert_eq!(serde_json::from_value::<Hello>(v).unwrap(), h);
+        let v = ok(handle(
+            &p,
+            &h,
+            Request::VolumeCreate {
+                name: "a".into(),
+                size: 1 << 20,
+            },
+        ));
+        assert_eq!(v["name"], "a");
+        ok(handle(
+            &p,
+            &h,
+            Request::VolumeSnapshot {
+                origin: "a".into(),
+                name: "b".into(),
+            },
+        ));
+        ok(handle(
+            &p,
+            &h,
+            Request::VolumeResize {
+                name: "b".into(),
+                size: 2 << 20,
+            },
+        ));
+        let v = ok(handle(&p, &h, Request::VolumeInfo { name: "b".into() }));
+        assert_eq!(v["size"], 2 << 20);
+        assert_eq!(v["parent"], "a");
+        let v = ok(handle(&p, &h, Request::VolumeList));
+        assert_eq!(v.as_array().unwrap().len(), 2);
+        ok(handle(&p, &h, Request::VolumeRemove { name: "b".into() }));
+        ok(handle(
+            &p,
+            &h,
+            Request::PoolGrow {
+                data_size: Some(128 << 20),
+                metadata_size: None,
+            },
+        ));
+        ok(handle(&p, &h, Request::Commit));
+        let v = ok(handle(&p, &h, Request::PoolStatus));
+        assert_eq!(v["total_data_blocks"], 128 * 16);
+        assert_eq!(v["volumes"], 1);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn errors_keep_kind_and_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let h = hello();
+        let r = handle(&p, &h, Request::VolumeRemove { name: "zz".into() });
+        let expected = p.remove_volume("zz").unwrap_err();
+        assert_eq!(
+            r,
+            Response::Error {
+                kind: ErrorKind::NotFound,
+                message: expected.to_string()
+            }
+        );
+        handle(
+            &p,
+            &h,
+            Request::VolumeCreate {
+                name: "a".into(),
+                size: 1 << 20,
+            },
+        );
+        let r = handle(
+            &p,
+            &h,
+            Request::VolumeCreate {
+                name: "a".into(),
+                size: 1 << 20,
+            },
+        );
+        assert!(
+            matches!(&r, Response::Error { kind: ErrorKind::Exists, message } if message.contains("already exists")),
+            "{r:?}"
+        );
+        let r = handle(
+            &p,
+            &h,
+            Request::VolumeCreate {
+                name: "b".into(),
+                size: 0,
+            },
+        );
+        assert!(
+            matches!(
+                r,
+                Response::Error {
+                    kind: ErrorKind::InvalidArgument,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        p.close().unwrap();
+    }
+}

@@ -1,0 +1,288 @@
+//! thinpool-daemon: the process that owns a pool while it is in use
+//! (`../shared/docs/design.md`, "Layers and data flow").
+//!
+//! The pool's lock lets one process have it open; the daemon is that process, and everything
+//! else reaches the pool through it: the CLI over the control API (`thinpool-control`), and
+//! clients of the front-ends it runs.
+//!
+//! - [`Daemon::start`] opens the pool in a root and serves the control API on
+//!   `<root>/control.sock` (mode 0600; peers of another user are refused, root excepted).
+//!   [`Daemon::pool`] hands the open pool to front-ends; [`Daemon::stop`] stops serving,
+//!   removes the socket, commits and closes the pool.
+//! - [`ShutdownSignals`] / [`wait_for_shutdown_signal`]: block until SIGTERM or SIGINT.
+//!
+//! ```text
+//! <root>/control.sock ──accept──▶ one thread per connection ──▶ Arc<Pool>
+//!                                  (SO_PEERCRED uid check,       ▲
+//!                                   one JSON line in, one out)   └── front-ends (Daemon::pool)
+//! ```
+//!
+//! ```
+//! use thinpool_control::Client;
+//! use thinpool_daemon::{Daemon, DaemonOptions};
+//! use thinpool_engine::{Pool, PoolConfig, PoolOptions};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let cfg = PoolConfig { data_size: 64 << 20, metadata_size: 4 << 20, ..Default::default() };
+//! Pool::create(dir.path(), &cfg, PoolOptions::default()).unwrap().close().unwrap();
+//!
+//! let daemon = Daemon::start(dir.path(), DaemonOptions::default()).unwrap();
+//! let mut client = Client::connect(daemon.socket_path()).unwrap();
+//! client.create_volume("vol", 16 << 20).unwrap();
+//! assert_eq!(daemon.pool().volume_info("vol").unwrap().size, 16 << 20);
+//! drop(client);
+//! daemon.stop().unwrap();
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod handler;
+mod server;
+mod signals;
+mod socket;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thinpool_control::Client;
+use thinpool_engine::{Pool, PoolOptions};
+
+pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
+
+use crate::server::ControlServer;
+
+/// Errors of the daemon. Messages say what and where; the engine's error is the source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A daemon already serves this root (it answered on the control socket).
+    #[error("another thinpool daemon is serving {} (pid {pid})", root.display())]
+    AlreadyRunning {
+        /// The pool root.
+        root: PathBuf,
+        /// The other daemon's process id.
+        pid: u32,
+    },
+    /// The pool could not be opened or closed.
+    #[error("{what} the pool at {}", root.display())]
+    Pool {
+        /// What was being done ("opening", "closing").
+        what: &'static str,
+        /// The pool root.
+        root: PathBuf,
+        /// The engine's error.
+        #[source]
+        source: thinpool_engine::Error,
+    },
+    /// Something that is not a socket sits where the control socket goes.
+    #[error("{} exists and is not a socket: move it out of the way", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Setting up the control socket failed.
+    #[error("{what} {}", path.display())]
+    Socket {
+        /// What was being done.
+        what: &'static str,
+        /// The socket (or its temporary name).
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Probing an existing control socket failed (e.g. it belongs to another user).
+    #[error("checking for a daemon on {}", path.display())]
+    Probe {
+        /// The socket.
+        path: PathBuf,
+        /// The client's error.
+        #[source]
+        source: thinpool_control::Error,
+    },
+    /// [`Daemon::stop`] committed the pool, but other holders of [`Daemon::pool`] keep it
+    /// open until they drop their handles.
+    #[error(
+        "the pool at {} is committed but still held by {holders} other handle(s): it closes \
+         when they are dropped",
+        root.display()
+    )]
+    PoolStillShared {
+        /// The pool root.
+        root: PathBuf,
+        /// How many other `Arc<Pool>` are alive.
+        holders: usize,
+    },
+    /// Installing the signal handlers failed.
+    #[error("installing the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+    /// A thread could not be started.
+    #[error("starting the {what} thread")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a daemon runs. Build with `DaemonOptions::default()` and set fields.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct DaemonOptions {
+    /// Engine options of the pool (default: the engine's, with its 1 s commit timer).
+    pub pool: PoolOptions,
+}
+
+/// A running daemon: the open pool and its control server. Dropping it stops it as
+/// [`Daemon::stop`] does, logging errors instead of returning them.
+pub struct Daemon {
+    root: PathBuf,
+    socket_path: PathBuf,
+    /// `Some` until stopped.
+    pool: Option<Arc<Pool>>,
+    /// `Some` until stopped.
+    server: Option<ControlServer>,
+}
+
+impl Daemon {
+    /// Open the pool in `root` and serve the control API on `<root>/control.sock`.
+    ///
+    /// Blocks while the pool opens (catalog reconciliation included). Fails with
+    /// [`Error::AlreadyRunning`] when another daemon answers on the socket,
+    /// [`Error::Pool`] when the pool cannot be opened (no pool, or its lock is held by a
+    /// process that is not a daemon, such as a CLI command in progress),
+    /// [`Error::NotASocket`] when something else sits at the socket's path. A stale socket
+    /// (nobody answers on it) is replaced.
+    pub fn start(root: &Path, opts: DaemonOptions) -> Result<Daemon> {
+        let socket_path = thinpool_control::socket_path(root);
+        let pool = match Pool::open(root, opts.pool) {
+            Ok(p) => p,
+            Err(e) => {
+                if e.kind() == thinpool_engine::ErrorKind::Busy
+                    && let Ok(Some(c)) = Client::connect_if_running(&socket_path)
+                {
+                    return Err(Error::AlreadyRunning {
+                        root: root.to_path_buf(),
+                        pid: c.daemon().pid,
+                    });
+                }
+                return Err(Error::Pool {
+                    what: "opening",
+                    root: root.to_path_buf(),
+                    source: e,
+                });
+            }
+        };
+        // We hold the pool's lock, so a daemon answering here would be serving a pool it
+        // does not hold: refuse rather than take its socket away.
+        match Client::connect_if_running(&socket_path) {
+            Ok(None) => {}
+            Ok(Some(c)) => {
+                let pid = c.daemon().pid;
+                drop(c);
+                let _ = pool.close();
+                return Err(Error::AlreadyRunning {
+                    root: root.to_path_buf(),
+                    pid,
+                });
+            }
+            Err(source) => {
+                let _ = pool.close();
+                return Err(Error::Probe {
+                    path: socket_path,
+                    source,
+                });
+            }
+        }
+        let pool = Arc::new(pool);
+        let server = match ControlServer::start(pool.clone(), root, &socket_path) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Ok(p) = Arc::try_unwrap(pool) {
+                    let _ = p.close();
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            root = %root.display(),
+            socket = %socket_path.display(),
+            pid = std::process::id(),
+            "daemon started"
+        );
+        Ok(Daemon {
+            root: root.to_path_buf(),
+            socket_path,
+            pool: Some(pool),
+            server: Some(server),
+        })
+    }
+
+    /// The open pool, for front-ends. Hand clones back (drop them) before [`Daemon::stop`].
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool
+            .clone()
+            .expect("the pool stays open until the daemon is stopped")
+    }
+
+    /// The pool root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The control socket (`<root>/control.sock`).
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Stop: refuse new control connections, close the open ones (a request in progress
+    /// finishes first), remove the socket, then commit and close the pool. Blocks until all
+    /// of that is done. Fails with [`Error::PoolStillShared`] (after committing) when clones
+    /// of [`Daemon::pool`] are still alive.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        let Some(pool) = self.pool.take() else {
+            return Ok(());
+        };
+        let r = match Arc::try_unwrap(pool) {
+            Ok(p) => p.close().map_err(|source| Error::Pool {
+                what: "closing",
+                root: self.root.clone(),
+                source,
+            }),
+            Err(shared) => match shared.commit() {
+                Ok(()) => Err(Error::PoolStillShared {
+                    root: self.root.clone(),
+                    holders: Arc::strong_count(&shared) - 1,
+                }),
+                Err(source) => Err(Error::Pool {
+                    what: "committing",
+                    root: self.root.clone(),
+                    source,
+                }),
+            },
+        };
+        tracing::info!(root = %self.root.display(), ok = r.is_ok(), "daemon stopped");
+        r
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!("stopping the daemon for {}: {e}", self.root.display());
+        }
+    }
+}

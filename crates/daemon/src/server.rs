@@ -1,0 +1,311 @@
+//! The control server: accepts connections on the control socket, one thread per connection,
+//! one request line in, one response line out.
+//!
+//! ```text
+//! accept thread: poll(listener, wake) ──▶ accept ──▶ SO_PEERCRED ──▶ spawn connection thread
+//!                        ▲                                              │ read line
+//!   stop(): write wake ──┘  then shut every connection down, join all   │ handle(pool, request)
+//!                                                                       ▼ write line
+//! ```
+//!
+//! Peers are checked once, at accept: the daemon's own user and root are served; anyone else
+//! (possible only if the socket's mode or its folder were loosened) gets one
+//! `permission_denied` answer and is disconnected.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Write as _};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags, poll};
+use thinpool_control::{
+    ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
+    write_frame,
+};
+use thinpool_engine::Pool;
+
+use crate::handler::handle;
+use crate::socket::{self, FileId};
+use crate::{Error, Result};
+
+/// How long a refused peer has to send its first request before it is answered anyway.
+const REFUSED_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every connection thread shares.
+struct Shared {
+    pool: Arc<Pool>,
+    root: PathBuf,
+    uid: u32,
+    hello: Hello,
+    /// Open connections by id (clones of their streams), so that stop can shut them down.
+    conns: Mutex<HashMap<u64, UnixStream>>,
+}
+
+/// A running control server.
+pub(crate) struct ControlServer {
+    path: PathBuf,
+    id: FileId,
+    wake: UnixStream,
+    thread: JoinHandle<()>,
+}
+
+impl ControlServer {
+    /// Bind `path` (mode 0600) and start accepting.
+    pub fn start(pool: Arc<Pool>, root: &Path, path: &Path) -> Result<ControlServer> {
+        let (listener, id) = socket::bind(path)?;
+        let (wake, wake_rx) = UnixStream::pair().map_err(|source| Error::Socket {
+            what: "creating the stop channel for",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let uid = rustix::process::geteuid().as_raw();
+        let shared = Arc::new(Shared {
+            pool,
+            root: root.to_path_buf(),
+            uid,
+            hello: Hello {
+                protocol: PROTOCOL_VERSION,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+                uid,
+                root: root.to_path_buf(),
+            },
+            conns: Mutex::new(HashMap::new()),
+        });
+        let thread = std::thread::Builder::new()
+            .name("thinpool-control".into())
+            .spawn(move || accept_loop(&listener, &wake_rx, &shared))
+            .map_err(|source| {
+                socket::remove_if_ours(path, id);
+                Error::Thread {
+                    what: "control server",
+                    source,
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            id,
+            wake,
+            thread,
+        })
+    }
+
+    /// Stop accepting, shut down every connection (a request being handled finishes first),
+    /// join all threads, remove the socket.
+    pub fn stop(mut self) {
+        if let Err(e) = self.wake.write_all(b"x") {
+            // Without the wake-up the accept thread would never return: fail loudly.
+            tracing::error!("waking the control server to stop it: {e}");
+        }
+        if self.thread.join().is_err() {
+            tracing::error!("the control server thread panicked");
+        }
+        socket::remove_if_ours(&self.path, self.id);
+    }
+}
+
+fn accept_loop(listener: &UnixListener, wake: &UnixStream, shared: &Arc<Shared>) {
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut next_id = 0u64;
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!("control server: poll failed, no longer serving: {e}");
+                break;
+            }
+        }
+        if !fds[1].revents().is_empty() {
+            break;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and friends: log, and try again on the next event rather than spin
+                // on the same error forever.
+                tracing::warn!("control server: accept failed: {e}");
+                std::thread::yield_now();
+                continue;
+            }
+        };
+        threads.retain(|t| !t.is_finished());
+        next_id += 1;
+        let id = next_id;
+        match stream.try_clone() {
+            Ok(c) => {
+                shared
+                    .conns
+                    .lock()
+                    .expect("connection table poisoned")
+                    .insert(id, c);
+            }
+            Err(e) => {
+                tracing::warn!("control connection {id}: cannot set it up: {e}");
+                continue;
+            }
+        }
+        let sh = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("thinpool-control-{id}"))
+            .spawn(move || {
+                serve(&sh, stream, id);
+                sh.conns
+                    .lock()
+                    .expect("connection table poisoned")
+                    .remove(&id);
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                tracing::warn!("control connection {id}: cannot start its thread: {e}");
+                shared
+                    .conns
+                    .lock()
+                    .expect("connection table poisoned")
+                    .remove(&id);
+            }
+        }
+    }
+    // Wake every connection blocked in a read; one busy with a request finishes it first.
+    for s in shared
+        .conns
+        .lock()
+        .expect("connection table poisoned")
+        .values()
+    {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Whether the user `peer` may use a daemon running as `daemon`: the same user, or root.
+/// `Err` holds the refusal to send.
+pub(crate) fn authorize(peer: u32, daemon: u32, root: &Path) -> std::result::Result<(), String> {
+    if peer == daemon || peer == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "uid {peer} may not use the control socket of the thinpool daemon serving {}, which \
+         runs as uid {daemon}: run as that user or root",
+        root.display()
+    ))
+}
+
+/// Serve one connection until the peer hangs up or the server stops.
+fn serve(shared: &Shared, stream: UnixStream, id: u64) {
+    let cred = rustix::net::sockopt::socket_peercred(&stream);
+    let (peer_uid, peer_pid) = match &cred {
+        Ok(c) => (
+            Some(c.uid.as_raw()),
+            Some(rustix::process::Pid::as_raw(Some(c.pid))),
+        ),
+        Err(_) => (None, None),
+    };
+    let span = tracing::debug_span!("control", conn = id, peer_uid, peer_pid);
+    let _entered = span.enter();
+    let refusal = match cred {
+        Ok(c) => authorize(c.uid.as_raw(), shared.uid, &shared.root).err(),
+        Err(e) => Some(format!(
+            "the thinpool daemon serving {} cannot learn who you are (SO_PEERCRED: {e})",
+            shared.root.display()
+        )),
+    };
+    if let Some(r) = &refusal {
+        tracing::warn!("control connection refused: {r}");
+        let _ = stream.set_read_timeout(Some(REFUSED_PEER_TIMEOUT));
+    } else {
+        tracing::debug!("control connection accepted");
+    }
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("control connection: cannot set it up: {e}");
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let frame = read_frame(&mut reader, MAX_REQUEST_LEN);
+        let (response, last) = match &refusal {
+            // A refused peer gets one answer, to its first request or when it sent none.
+            Some(msg) => match frame {
+                Ok(None) => break,
+                _ => (
+                    Response::Error {
+                        kind: ErrorKind::PermissionDenied,
+                        message: msg.clone(),
+                    },
+                    true,
+                ),
+            },
+            None => match frame {
+                Ok(None) => break,
+                Ok(Some(line)) if line.trim().is_empty() => continue,
+                Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => (handle(&shared.pool, &shared.hello, req), false),
+                    Err(e) => (
+                        Response::Error {
+                            kind: ErrorKind::Protocol,
+                            message: format!("malformed request: {e}"),
+                        },
+                        false,
+                    ),
+                },
+                Err(FrameError::Io(e)) => {
+                    tracing::debug!("control connection: read failed: {e}");
+                    break;
+                }
+                // Too long or not UTF-8: where the next request starts is unknown.
+                Err(e) => (
+                    Response::Error {
+                        kind: ErrorKind::Protocol,
+                        message: format!("bad request: {e}"),
+                    },
+                    true,
+                ),
+            },
+        };
+        if let Err(e) = write_frame(&mut writer, &response) {
+            tracing::debug!("control connection: write failed: {e}");
+            break;
+        }
+        if last {
+            break;
+        }
+    }
+    tracing::debug!("control connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_may_connect() {
+        let root = Path::new("/var/lib/thinpool");
+        assert!(authorize(1000, 1000, root).is_ok());
+        assert!(authorize(0, 1000, root).is_ok());
+        assert!(authorize(0, 0, root).is_ok());
+        let e = authorize(1001, 1000, root).unwrap_err();
+        assert!(
+            e.contains("uid 1001")
+                && e.contains("runs as uid 1000")
+                && e.contains("/var/lib/thinpool"),
+            "{e}"
+        );
+        assert!(authorize(65534, 0, root).is_err());
+    }
+}
