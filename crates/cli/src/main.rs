@@ -8,6 +8,7 @@ mod meta;
 mod nbd;
 mod pool;
 mod size;
+mod up;
 mod vol;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: create the pool on first use (sparse 100G data, 2G metadata, 64K
+    /// blocks), serve every volume over NBD on ROOT/nbd.sock and the control API on
+    /// ROOT/control.sock. Foreground; SIGTERM or Ctrl-C commits and exits.
+    Up(up::UpArgs),
     /// Create a pool, show its status, grow it.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
@@ -81,6 +86,7 @@ fn main() {
         Command::Vol(cmd) => vol::run(&root, cmd),
         Command::Meta(cmd) => meta::run(cmd),
         Command::Nbd(cmd) => nbd::run(&root, cmd),
+        Command::Up(a) => up::run(&root, a),
     };
     match code {
         Ok(code) => std::process::exit(code),

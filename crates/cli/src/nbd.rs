@@ -1,87 +1,102 @@
-//! `thinpool nbd serve`: serve the pool's volumes over NBD until SIGTERM/SIGINT, then commit.
+//! `thinpool nbd serve`: run the daemon on an existing pool with the NBD front-end, until
+//! SIGTERM/SIGINT; then the requests in flight are answered, the pool is committed and closed.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use thinpool_engine::{Pool, PoolOptions};
-use thinpool_nbd::{NbdConfig, NbdServer};
+use thinpool_daemon::{Daemon, DaemonOptions, ShutdownSignals};
+use thinpool_nbd::NbdConfig;
 
 #[derive(Subcommand)]
 pub enum NbdCommand {
     /// Serve every volume by its name (`nbd+unix:///NAME?socket=ROOT/nbd.sock`); `NAME@ro`
-    /// serves it read-only. Runs in the foreground; SIGTERM or SIGINT commits and stops.
+    /// serves it read-only. Runs in the foreground with the control socket, so `thinpool vol
+    /// ...` commands keep working; SIGTERM or SIGINT commits and stops.
     Serve(ServeArgs),
 }
 
-#[derive(clap::Args)]
+/// Where and how to serve NBD (shared by `nbd serve` and `up`).
+#[derive(clap::Args, Default)]
 pub struct ServeArgs {
     /// Unix socket to listen on (default: ROOT/nbd.sock unless --listen is given).
     #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
     /// Also (or only) listen on TCP, e.g. 127.0.0.1:10809. Addresses other than loopback are
     /// refused without TLS.
     #[arg(long, value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
     /// TLS certificate chain (PEM): TCP clients must then use TLS (STARTTLS); unix socket
     /// clients may.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM) for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// TLS with a pre-shared key file (`identity:hexkey` lines, as nbdkit and qemu use).
+    pub tls_key: Option<PathBuf>,
+    /// TLS with a pre-shared key file (`identity:hexkey` lines, as GnuTLS psktool writes and
+    /// qemu and nbdkit read).
     #[arg(long, value_name = "FILE", conflicts_with = "tls_cert")]
-    tls_psk: Option<PathBuf>,
+    pub tls_psk: Option<PathBuf>,
     /// Serve every volume read-only.
     #[arg(long)]
-    read_only: bool,
+    pub read_only: bool,
     /// Serve snapshots read-only (their origins stay writable).
     #[arg(long)]
-    snapshots_read_only: bool,
+    pub snapshots_read_only: bool,
+}
+
+impl ServeArgs {
+    /// The NBD configuration for a pool in `root`.
+    pub fn config(self, root: &Path) -> NbdConfig {
+        let unix_socket = match (&self.socket, &self.listen) {
+            (Some(s), _) => Some(s.clone()),
+            (None, None) => Some(root.join("nbd.sock")),
+            (None, Some(_)) => None,
+        };
+        NbdConfig {
+            unix_socket,
+            tcp: self.listen,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_psk: self.tls_psk,
+            read_only: self.read_only,
+            snapshots_read_only: self.snapshots_read_only,
+        }
+    }
 }
 
 pub fn run(root: &Path, cmd: NbdCommand) -> Result<i32> {
     let NbdCommand::Serve(a) = cmd;
-    let socket = match (&a.socket, &a.listen) {
-        (Some(s), _) => Some(s.clone()),
-        (None, None) => Some(root.join("nbd.sock")),
-        (None, Some(_)) => None,
-    };
-    let cfg = NbdConfig {
-        unix_socket: socket,
-        tcp: a.listen,
-        tls_cert: a.tls_cert,
-        tls_key: a.tls_key,
-        tls_psk: a.tls_psk,
-        read_only: a.read_only,
-        snapshots_read_only: a.snapshots_read_only,
-    };
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .context("cannot install signal handlers")?;
-    let pool = Arc::new(
-        Pool::open(root, PoolOptions::default())
-            .with_context(|| format!("cannot open the pool at {}", root.display()))?,
+    let mut opts = DaemonOptions::default();
+    opts.nbd = Some(a.config(root));
+    serve(root, opts)
+}
+
+/// Start the daemon, say where it listens, wait for SIGTERM/SIGINT, stop it.
+pub fn serve(root: &Path, opts: DaemonOptions) -> Result<i32> {
+    let mut signals = ShutdownSignals::install().context("cannot install signal handlers")?;
+    let daemon = Daemon::start(root, opts)?;
+    if let Some(nbd) = daemon.nbd() {
+        if let Some(p) = nbd.unix_socket() {
+            eprintln!(
+                "thinpool: serving NBD on nbd+unix:///NAME?socket={}",
+                p.display()
+            );
+        }
+        if let Some(addr) = nbd.tcp_addr() {
+            eprintln!("thinpool: serving NBD on nbd://{addr}/NAME");
+        }
+    }
+    eprintln!(
+        "thinpool: control socket {} (pid {}); stop with SIGTERM or Ctrl-C",
+        daemon.socket_path().display(),
+        std::process::id()
     );
-    let server = NbdServer::start(pool.clone(), &cfg)?;
-    if let Some(p) = server.unix_socket() {
-        eprintln!(
-            "thinpool: serving NBD on nbd+unix:///NAME?socket={}",
-            p.display()
-        );
-    }
-    if let Some(addr) = server.tcp_addr() {
-        eprintln!("thinpool: serving NBD on nbd://{addr}/NAME");
-    }
-    let sig = signals.forever().next();
-    tracing::info!(?sig, "stopping");
-    server.stop();
-    let pool = Arc::try_unwrap(pool).map_err(|_| anyhow::anyhow!("the pool is still in use"))?;
-    pool.close().context("committing the pool on the way out")?;
+    let sig = signals.wait();
+    tracing::info!(signal = sig, "stopping");
+    daemon
+        .stop()
+        .context("stopping the daemon (the pool is committed on the way out)")?;
     Ok(0)
 }

@@ -46,7 +46,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thinpool_control::Client;
-use thinpool_engine::{Pool, PoolOptions};
+use thinpool_engine::{Pool, PoolConfig, PoolOptions};
+use thinpool_nbd::{NbdConfig, NbdServer};
 
 pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
 
@@ -114,6 +115,9 @@ pub enum Error {
         /// How many other `Arc<Pool>` are alive.
         holders: usize,
     },
+    /// The NBD server could not start.
+    #[error(transparent)]
+    Nbd(#[from] thinpool_nbd::Error),
     /// Installing the signal handlers failed.
     #[error("installing the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
@@ -137,6 +141,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct DaemonOptions {
     /// Engine options of the pool (default: the engine's, with its 1 s commit timer).
     pub pool: PoolOptions,
+    /// Serve the pool's volumes over NBD (see `thinpool-nbd`).
+    pub nbd: Option<NbdConfig>,
+    /// Create the pool with this configuration when the root has none yet (no `pool/`
+    /// folder). A root whose `pool/` lacks a file is an error, never re-created.
+    pub create: Option<PoolConfig>,
 }
 
 /// A running daemon: the open pool and its control server. Dropping it stops it as
@@ -148,6 +157,7 @@ pub struct Daemon {
     pool: Option<Arc<Pool>>,
     /// `Some` until stopped.
     server: Option<ControlServer>,
+    nbd: Option<NbdServer>,
 }
 
 impl Daemon {
@@ -161,7 +171,29 @@ impl Daemon {
     /// (nobody answers on it) is replaced.
     pub fn start(root: &Path, opts: DaemonOptions) -> Result<Daemon> {
         let socket_path = thinpool_control::socket_path(root);
-        let pool = match Pool::open(root, opts.pool) {
+        if let Some(cfg) = &opts.create
+            && !root.join("pool").exists()
+        {
+            let pool =
+                Pool::create(root, cfg, opts.pool.clone()).map_err(|source| Error::Pool {
+                    what: "creating",
+                    root: root.to_path_buf(),
+                    source,
+                })?;
+            tracing::info!(
+                root = %root.display(),
+                data_size = cfg.data_size,
+                metadata_size = cfg.metadata_size,
+                block_size = cfg.block_size,
+                "created a new pool"
+            );
+            pool.close().map_err(|source| Error::Pool {
+                what: "creating",
+                root: root.to_path_buf(),
+                source,
+            })?;
+        }
+        let pool = match Pool::open(root, opts.pool.clone()) {
             Ok(p) => p,
             Err(e) => {
                 if e.kind() == thinpool_engine::ErrorKind::Busy
@@ -210,18 +242,24 @@ impl Daemon {
                 return Err(e);
             }
         };
-        tracing::info!(
-            root = %root.display(),
-            socket = %socket_path.display(),
-            pid = std::process::id(),
-            "daemon started"
-        );
-        Ok(Daemon {
+        let mut daemon = Daemon {
             root: root.to_path_buf(),
             socket_path,
             pool: Some(pool),
             server: Some(server),
-        })
+            nbd: None,
+        };
+        if let Some(cfg) = &opts.nbd {
+            // On failure, dropping the daemon stops the control server and closes the pool.
+            daemon.nbd = Some(NbdServer::start(daemon.pool(), cfg)?);
+        }
+        tracing::info!(
+            root = %root.display(),
+            socket = %daemon.socket_path.display(),
+            pid = std::process::id(),
+            "daemon started"
+        );
+        Ok(daemon)
     }
 
     /// The open pool, for front-ends. Hand clones back (drop them) before [`Daemon::stop`].
@@ -229,6 +267,11 @@ impl Daemon {
         self.pool
             .clone()
             .expect("the pool stays open until the daemon is stopped")
+    }
+
+    /// The NBD server, when one was asked for.
+    pub fn nbd(&self) -> Option<&NbdServer> {
+        self.nbd.as_ref()
     }
 
     /// The pool root.
@@ -250,6 +293,11 @@ impl Daemon {
     }
 
     fn shutdown(&mut self) -> Result<()> {
+        // Front-ends first: the requests they already read are answered, then they let go
+        // of the pool.
+        if let Some(nbd) = self.nbd.take() {
+            nbd.stop();
+        }
         if let Some(server) = self.server.take() {
             server.stop();
         }

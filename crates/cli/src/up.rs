@@ -1,0 +1,128 @@
+//! `thinpool up`: the main job. Runs the daemon on the root, creating the pool on first use
+//! with Docker's devicemapper defaults (sparse 100 GiB data, 2 GiB metadata, 64 KiB blocks),
+//! serving NBD on `ROOT/nbd.sock` and the control API on `ROOT/control.sock`. Settings come
+//! from flags, then from a TOML file (`--config`, else `ROOT/thinpool.toml` if present), then
+//! the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use thinpool_daemon::DaemonOptions;
+use thinpool_engine::PoolConfig;
+
+use crate::nbd::ServeArgs;
+use crate::size::parse_size;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// TOML settings (keys as the long flags with '_': data_size = "100G", listen =
+    /// "127.0.0.1:10809", ...). Default: ROOT/thinpool.toml when it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Size of a new pool's data file (default 100G; only used when the pool is created).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    data_size: Option<u64>,
+    /// Size of a new pool's metadata file (default 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    metadata_size: Option<u64>,
+    /// Block size of a new pool (default 64K).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    block_size: Option<u64>,
+    /// Put a new pool's data on this existing file or block device.
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// Put a new pool's metadata on this existing file or block device.
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The config file: every key optional.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_size: Option<Size>,
+    metadata_size: Option<Size>,
+    block_size: Option<Size>,
+    data: Option<PathBuf>,
+    metadata: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_psk: Option<PathBuf>,
+    read_only: Option<bool>,
+    snapshots_read_only: Option<bool>,
+}
+
+/// A size in the config file: bytes, or a string with a unit ("100G").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self, key: &str, file: &Path) -> Result<u64> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => {
+                parse_size(t).map_err(|e| anyhow::anyhow!("{}: {key} = {t:?}: {e}", file.display()))
+            }
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
+    let default_file = root.join("thinpool.toml");
+    let file = match &a.config {
+        Some(p) => Some(p.clone()),
+        None => default_file.exists().then_some(default_file),
+    };
+    let fc = match &file {
+        Some(p) => load(p)?,
+        None => FileConfig::default(),
+    };
+    let file = file.unwrap_or_default();
+    let size = |flag: Option<u64>, key: &str, v: &Option<Size>| -> Result<Option<u64>> {
+        match (flag, v) {
+            (Some(f), _) => Ok(Some(f)),
+            (None, Some(s)) => s.bytes(key, &file).map(Some),
+            (None, None) => Ok(None),
+        }
+    };
+    let defaults = PoolConfig::default();
+    let create = PoolConfig {
+        data_size: size(a.data_size, "data_size", &fc.data_size)?.unwrap_or(defaults.data_size),
+        metadata_size: size(a.metadata_size, "metadata_size", &fc.metadata_size)?
+            .unwrap_or(defaults.metadata_size),
+        block_size: size(a.block_size, "block_size", &fc.block_size)?
+            .unwrap_or(defaults.block_size),
+        data_path: a.data.or(fc.data),
+        metadata_path: a.metadata.or(fc.metadata),
+    };
+    let s = a.serve;
+    let serve = ServeArgs {
+        socket: s.socket.or(fc.socket),
+        listen: s.listen.or(fc.listen),
+        tls_cert: s.tls_cert.or(fc.tls_cert),
+        tls_key: s.tls_key.or(fc.tls_key),
+        tls_psk: s.tls_psk.or(fc.tls_psk),
+        read_only: s.read_only || fc.read_only.unwrap_or(false),
+        snapshots_read_only: s.snapshots_read_only || fc.snapshots_read_only.unwrap_or(false),
+    };
+    let mut opts = DaemonOptions::default();
+    opts.create = Some(create);
+    opts.nbd = Some(serve.config(root));
+    crate::nbd::serve(root, opts)
+}
