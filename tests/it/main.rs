@@ -11,6 +11,8 @@
 //!   printing exactly what they print without one.
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
+//! - `up`: `thinpool up` as a user drives it (NBD writes, snapshots, growing under fio, JSON
+//!   numbers, SIGTERM, thin_check) and its bad inputs.
 
 mod cli_pool;
 mod daemon;
@@ -19,3 +21,4 @@ mod kernel;
 mod kernel_api;
 mod nbd;
 mod oracle;
+mod up;

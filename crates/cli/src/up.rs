@@ -36,6 +36,13 @@ pub struct UpArgs {
     /// Put a new pool's metadata on this existing file or block device.
     #[arg(long, value_name = "PATH")]
     metadata: Option<PathBuf>,
+    /// When the pool is full, fail writes at once with ENOSPC instead of queueing them for
+    /// --no-space-timeout (the kernel's error_if_no_space).
+    #[arg(long)]
+    error_if_no_space: bool,
+    /// How long a write waits for space when the pool is full (seconds; default 60).
+    #[arg(long, value_name = "SECS")]
+    no_space_timeout: Option<u64>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -56,6 +63,8 @@ struct FileConfig {
     tls_psk: Option<PathBuf>,
     read_only: Option<bool>,
     snapshots_read_only: Option<bool>,
+    error_if_no_space: Option<bool>,
+    no_space_timeout: Option<u64>,
 }
 
 /// A size in the config file: bytes, or a string with a unit ("100G").
@@ -122,6 +131,10 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
         snapshots_read_only: s.snapshots_read_only || fc.snapshots_read_only.unwrap_or(false),
     };
     let mut opts = DaemonOptions::default();
+    opts.pool.error_if_no_space = a.error_if_no_space || fc.error_if_no_space.unwrap_or(false);
+    if let Some(t) = a.no_space_timeout.or(fc.no_space_timeout) {
+        opts.pool.no_space_timeout = std::time::Duration::from_secs(t);
+    }
     opts.create = Some(create);
     opts.nbd = Some(serve.config(root));
     crate::nbd::serve(root, opts)

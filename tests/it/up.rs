@@ -1,0 +1,390 @@
+//! `thinpool up` driven as a user would: a fresh root, the daemon started by the real binary,
+//! volumes created and snapshotted through the control socket, data written and read through
+//! NBD with qemu-io and fio, the pool grown while fio writes, the numbers checked in `--json`,
+//! volumes removed, SIGTERM, and `thin_check` on what is left. Then the bad inputs: each must
+//! fail with a clear message, a non-zero exit status, and change nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thinpool_tests::{TempDir, require_tools, run, run_ok, scratch, text, thinpool, tool};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 << 10;
+
+/// A root with `thinpool up` running on it.
+struct Up {
+    _dir: TempDir,
+    root: PathBuf,
+    child: Option<Child>,
+}
+
+impl Up {
+    fn start(extra: &[&str]) -> Up {
+        let dir = scratch();
+        let root = dir.path().join("root");
+        let mut up = Up {
+            _dir: dir,
+            root,
+            child: None,
+        };
+        up.spawn(extra);
+        up
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let mut c = self.cmd(&["up"]);
+        c.args(extra).stdout(Stdio::null()).stderr(Stdio::piped());
+        self.child = Some(c.spawn().expect("start thinpool up"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(self.root.join("nbd.sock").exists() && self.root.join("control.sock").exists()) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let out = self.child.take().unwrap().wait_with_output().unwrap();
+                panic!("thinpool up exited ({status}): {}", text(&out.stderr));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "thinpool up did not start in 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = thinpool(["--root".as_ref(), self.root.as_os_str()]);
+        c.args(args).env_remove("THINPOOL_ROOT");
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        text(&run_ok(&mut self.cmd(args)).stdout)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("--json output parses")
+    }
+
+    /// Run and expect failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = run(&mut self.cmd(args));
+        assert!(
+            !out.status.success(),
+            "thinpool {args:?} should fail, printed {}",
+            text(&out.stdout)
+        );
+        text(&out.stderr)
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.root.join("nbd.sock").display()
+        )
+    }
+
+    /// SIGTERM, expect exit 0 and the sockets gone.
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix_pid(&child);
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "thinpool up did not stop in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            status.success(),
+            "thinpool up exited {status}: {}",
+            text(&out.stderr)
+        );
+        assert!(!self.root.join("nbd.sock").exists(), "nbd.sock left behind");
+        assert!(
+            !self.root.join("control.sock").exists(),
+            "control.sock left behind"
+        );
+    }
+
+    fn thin_check(&self) {
+        run_ok(tool("thin_check").arg(self.root.join("pool/metadata")));
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rustix_pid(c: &Child) -> String {
+    c.id().to_string()
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = tool("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri);
+    let out = run_ok(&mut c);
+    let s = text(&out.stdout);
+    assert!(
+        !s.contains("Pattern verification failed") && !s.contains("failed"),
+        "qemu-io {cmds:?}: {s}"
+    );
+    s
+}
+
+fn volume<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .expect("vol ls --json is an array")
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name} in {list}"))
+}
+
+#[test]
+fn up_create_write_snapshot_grow_while_writing_remove_stop() {
+    if !require_tools(&["qemu-io", "fio", "thin_check"]) {
+        return;
+    }
+    let mut up = Up::start(&["--data-size", "1G", "--metadata-size", "64M"]);
+    let st = up.json(&["pool", "status", "--json"]);
+    assert_eq!(st["block_size"], BLOCK, "{st}");
+    assert_eq!(st["total_data_blocks"], (1u64 << 30) / BLOCK, "{st}");
+    assert_eq!(st["used_data_blocks"], 0, "{st}");
+    assert_eq!(
+        std::fs::metadata(up.root.join("pool/data")).unwrap().len(),
+        1 << 30,
+        "sparse data file of the asked size"
+    );
+
+    up.ok(&["vol", "create", "v", "--size", "512M"]);
+    qemu_io(
+        &up.uri("v"),
+        &["write -P 0x5a 0 1M", "write -P 0xa5 3M 100k"],
+    );
+    up.ok(&["vol", "snapshot", "v", "s"]);
+    qemu_io(&up.uri("v"), &["write -P 0x11 0 64k"]);
+    qemu_io(
+        &up.uri("s"),
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0xa5 3M 100k",
+            "read -P 0 2M 1M",
+        ],
+    );
+    qemu_io(
+        &up.uri("v"),
+        &["read -P 0x11 0 64k", "read -P 0x5a 64k 960k"],
+    );
+
+    // fio writes 256 MiB of random 64 KiB blocks with checksums into v while the pool grows.
+    let fio_dir = scratch();
+    let mut fio = tool("fio");
+    fio.current_dir(fio_dir.path())
+        .args([
+            "--name=grow",
+            "--ioengine=nbd",
+            &format!("--uri={}", up.uri("v")),
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=8",
+            "--offset=128M",
+            "--size=256M",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let fio = fio.spawn().expect("start fio");
+    std::thread::sleep(Duration::from_millis(300));
+    up.ok(&["pool", "grow", "--data-size", "2G"]);
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio while growing: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stdout).contains("verify: bad"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let st = up.json(&["pool", "status", "--json"]);
+    let vols = up.json(&["vol", "ls", "--json"]);
+    let v = volume(&vols, "v");
+    let s = volume(&vols, "s");
+    assert_eq!(st["total_data_blocks"], (2u64 << 30) / BLOCK, "{st}");
+    assert_eq!(
+        std::fs::metadata(up.root.join("pool/data")).unwrap().len(),
+        2 << 30
+    );
+    // s: the 16 blocks of the first MiB and the 2 blocks under 3M..3M+100k, all shared with
+    // v except block 0, which v rewrote (copy-on-write).
+    assert_eq!(s["mapped_blocks"], 18, "{s}");
+    // v: the same 18, and the 4096 blocks fio wrote (256 MiB at 128 MiB, every block).
+    assert_eq!(v["mapped_blocks"], 18 + 4096, "{v}");
+    // Used: v's blocks, plus the one block only s still maps.
+    assert_eq!(st["used_data_blocks"], 18 + 4096 + 1, "{st}");
+    assert_eq!(st["volumes"], 1, "{st}");
+    assert_eq!(st["snapshots"], 1, "{st}");
+
+    up.ok(&["vol", "rm", "s"]);
+    up.ok(&["vol", "rm", "v"]);
+    assert_eq!(up.json(&["vol", "ls", "--json"]), serde_json::json!([]));
+    assert_eq!(
+        up.json(&["pool", "status", "--json"])["used_data_blocks"],
+        0
+    );
+    up.stop();
+    up.thin_check();
+    // Freed blocks were punched out of the data file.
+    let allocated = std::fs::metadata(up.root.join("pool/data"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    assert!(
+        allocated < 8 * MIB,
+        "{allocated} bytes still allocated in the data file"
+    );
+}
+
+fn snapshot_of(dir: &Path) -> Vec<(PathBuf, u64, Vec<u8>)> {
+    // Name, size and the first 64 KiB of every file under the root (sockets skipped).
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let mut head = vec![0u8; 65536];
+                let n = {
+                    use std::io::Read;
+                    std::fs::File::open(e.path())
+                        .unwrap()
+                        .read(&mut head)
+                        .unwrap()
+                };
+                head.truncate(n);
+                out.push((e.path(), e.metadata().unwrap().len(), head));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn bad_input_fails_clearly_and_changes_nothing() {
+    if !require_tools(&["qemu-io", "thin_check"]) {
+        return;
+    }
+    let mut up = Up::start(&[
+        "--data-size",
+        "256M",
+        "--metadata-size",
+        "16M",
+        "--error-if-no-space",
+    ]);
+    up.ok(&["vol", "create", "v", "--size", "1G"]);
+    let before = up.ok(&["vol", "ls", "--json"]);
+
+    let e = up.fails(&["vol", "create", "x", "--size", "12X"]);
+    assert!(e.contains("12X"), "{e}");
+    let e = up.fails(&["vol", "rm", "nope"]);
+    assert!(e.contains("nope"), "{e}");
+    let e = up.fails(&["vol", "snapshot", "nope", "s"]);
+    assert!(e.contains("nope"), "{e}");
+    let e = up.fails(&["vol", "create", "v", "--size", "1M"]);
+    assert!(e.contains("v") && e.contains("exists"), "{e}");
+    let e = up.fails(&["vol", "resize", "v", "12X"]);
+    assert!(e.contains("12X"), "{e}");
+    assert_eq!(
+        up.ok(&["vol", "ls", "--json"]),
+        before,
+        "a failed command changed the pool"
+    );
+
+    // A second daemon on the same root.
+    let out = run(up.cmd(&["up"]).stdout(Stdio::null()));
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("another thinpool daemon"), "{e}");
+
+    // Pool full: 256 MiB of data, a 1 GiB volume; writes past the space fail with ENOSPC at
+    // once (--error-if-no-space), the data written before stays readable.
+    let mut c = tool("qemu-io");
+    c.args(["-f", "raw", "-c", "write -P 0x33 0 300M", &up.uri("v")]);
+    let out = run(&mut c);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("No space left on device"), "{all}");
+    let st = up.json(&["pool", "status", "--json"]);
+    assert_eq!(st["used_data_blocks"], st["total_data_blocks"], "{st}");
+    assert_eq!(st["mode"], "out_of_data_space", "{st}");
+    qemu_io(&up.uri("v"), &["discard 0 300M"]);
+    up.stop();
+    up.thin_check();
+
+    // Missing metadata file: refused, nothing created or changed.
+    let meta = up.root.join("pool/metadata");
+    let saved = up.root.join("metadata.saved");
+    std::fs::rename(&meta, &saved).unwrap();
+    let files = snapshot_of(&up.root);
+    let out = run(up.cmd(&["up"]).stdout(Stdio::null()));
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("metadata") && e.contains("does not exist"),
+        "{e}"
+    );
+    assert_eq!(
+        snapshot_of(&up.root),
+        files,
+        "a refused start changed the root"
+    );
+
+    // Foreign metadata: a file of random bytes where the metadata should be.
+    let junk: Vec<u8> = (0..16 * MIB)
+        .map(|i| (i * 2654435761 % 251) as u8)
+        .collect();
+    std::fs::write(&meta, &junk).unwrap();
+    let files = snapshot_of(&up.root);
+    let out = run(up.cmd(&["up"]).stdout(Stdio::null()));
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("superblock") || e.contains("metadata"), "{e}");
+    assert!(
+        e.contains(&meta.display().to_string()) || e.contains("block 0"),
+        "{e}"
+    );
+    assert_eq!(
+        snapshot_of(&up.root),
+        files,
+        "a refused start changed the root"
+    );
+
+    // Put the real metadata back: the pool opens and has its volume.
+    std::fs::rename(&saved, &meta).unwrap();
+    up.spawn(&[]);
+    assert!(up.ok(&["vol", "ls"]).contains('v'));
+    up.stop();
+    up.thin_check();
+}
