@@ -39,6 +39,7 @@ mod config;
 mod pool;
 mod prison;
 mod volume;
+mod zeroed;
 
 use std::path::PathBuf;
 

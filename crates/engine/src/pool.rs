@@ -17,6 +17,7 @@ use crate::catalog::{Catalog, Entry, VolumeKind, check_name, now};
 use crate::config::{PoolConfig, PoolOptions};
 use crate::prison::Prison;
 use crate::volume::Volume;
+use crate::zeroed::ZeroMap;
 use crate::{Error, Result};
 
 const SECTOR: u64 = 512;
@@ -136,6 +137,8 @@ pub(crate) struct MetaState {
     pub dirty: bool,
     pub mode: PoolMode,
     pub low_water_fired: bool,
+    /// Free data blocks known to read as zeros (see `zeroed`).
+    pub zeroed: ZeroMap,
 }
 
 /// Per-volume runtime state, shared by its handles.
@@ -176,6 +179,8 @@ struct Devices {
     data_path: PathBuf,
     metadata_path: PathBuf,
     lock: File,
+    /// The data device is a sparse file we have just created: it reads zeros everywhere.
+    fresh_data: bool,
 }
 
 impl Devices {
@@ -188,6 +193,7 @@ impl Devices {
             data_path,
             metadata_path,
             lock,
+            fresh_data: false,
         }
     }
 }
@@ -295,6 +301,7 @@ impl Pool {
                     data_path: data_link.clone(),
                     metadata_path: meta_link.clone(),
                     lock,
+                    fresh_data: cfg.data_path.is_none(),
                 };
                 Self::create_inner(root, devs, cfg.block_size, opts)
             });
@@ -362,6 +369,7 @@ impl Pool {
             data_path: data_link,
             metadata_path: meta_link,
             lock,
+            fresh_data: false,
         };
         Self::open_inner(root, devs, opts)
     }
@@ -416,6 +424,11 @@ impl Pool {
             PoolMode::Write
         };
         let interval = opts.commit_interval;
+        let zeroed = if devs.fresh_data {
+            ZeroMap::all_zero(md.nr_data_blocks())
+        } else {
+            ZeroMap::unknown()
+        };
         let inner = Arc::new(Inner {
             root: root.to_path_buf(),
             data: devs.data,
@@ -429,6 +442,7 @@ impl Pool {
                 dirty: false,
                 mode,
                 low_water_fired: false,
+                zeroed,
             }),
             space: Condvar::new(),
             catalog: Mutex::new(catalog),
@@ -1010,8 +1024,11 @@ impl Inner {
         for b in freed {
             if st.md.data_block_count(b) == 0 {
                 let bs = self.block_size;
-                if let Err(e) = self.data.punch_hole(b * bs, bs) {
-                    tracing::warn!("punching a hole for freed data block {b} failed: {e}");
+                match self.data.punch_hole(b * bs, bs) {
+                    Ok(()) => st.zeroed.set(b),
+                    Err(e) => {
+                        tracing::warn!("punching a hole for freed data block {b} failed: {e}")
+                    }
                 }
             }
         }

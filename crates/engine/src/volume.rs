@@ -129,6 +129,23 @@ impl Volume {
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         let bs = self.inner.block_size;
         let thin = self.vs.thin.get();
+        if !buf.is_empty() && offset / bs == (offset + buf.len() as u64 - 1) / bs {
+            // One block, the usual request: nothing to allocate.
+            let vblock = offset / bs;
+            let _cell = self.inner.prison.shared(thin, vblock);
+            return match self.lookup(vblock)? {
+                Some(l) => {
+                    self.inner
+                        .data
+                        .read_at(buf, l.data_block * bs + offset % bs)?;
+                    Ok(Vec::new())
+                }
+                None => {
+                    buf.fill(0);
+                    Ok(vec![(0, buf.len())])
+                }
+            };
+        }
         let pieces: Vec<Piece> = pieces(offset, buf.len() as u64, bs).collect();
         // Cells in ascending order (as every multi-block locker takes them): no deadlock.
         let _cells: Vec<_> = pieces
@@ -218,22 +235,37 @@ impl Volume {
             return Ok(());
         }
         let whole = piece.len() as u64 == bs;
-        let new = self.alloc_block()?;
+        let (new, zeroed) = self.alloc_block()?;
         let r = (|| -> Result<()> {
             let pos = new * bs;
             if whole {
                 self.inner.data.write_at(piece, pos)?;
             } else if let Some(l) = old {
-                // Copy-on-write: the old block's bytes around the write.
-                let mut buf = vec![0u8; bs as usize];
-                self.inner.data.read_at(&mut buf, l.data_block * bs)?;
-                buf[off..off + piece.len()].copy_from_slice(piece);
-                self.inner.data.write_at(&buf, pos)?;
+                // Copy-on-write into a zeroed block: the old block's bytes around the write,
+                // then the write. The device copies only what is not zero (a sparse file
+                // skips its holes): a mostly empty block costs what its data costs.
+                if !zeroed {
+                    self.inner.data.punch_hole(pos, bs)?;
+                }
+                let from = l.data_block * bs;
+                let (off, end) = (off as u64, (off + piece.len()) as u64);
+                if off > 0 {
+                    self.inner.data.copy_into_zeroed(from, pos, off)?;
+                }
+                if end < bs {
+                    self.inner
+                        .data
+                        .copy_into_zeroed(from + end, pos + end, bs - end)?;
+                }
+                self.inner.data.write_at(piece, pos + off)?;
             } else if self.inner.opts.zero_new_blocks {
                 // Zero the new block by deallocating it (a sparse file reads zeros there; a
-                // block device gets zeros written), then write the piece: far fewer bytes
-                // than writing a whole zero-filled block for a small write.
-                self.inner.data.punch_hole(pos, bs)?;
+                // block device gets zeros written), unless it is known to read zeros already,
+                // then write the piece: far fewer bytes than writing a whole zero-filled
+                // block for a small write.
+                if !zeroed {
+                    self.inner.data.punch_hole(pos, bs)?;
+                }
                 self.inner.data.write_at(piece, pos + off as u64)?;
             } else {
                 self.inner.data.write_at(piece, pos + off as u64)?;
@@ -271,8 +303,9 @@ impl Volume {
         )))
     }
 
-    /// Allocate a data block, waiting for space (queue mode) or failing at once.
-    fn alloc_block(&self) -> Result<u64> {
+    /// Allocate a data block, waiting for space (queue mode) or failing at once. Also says
+    /// whether the block is known to read as zeros (see `zeroed`).
+    fn alloc_block(&self) -> Result<(u64, bool)> {
         let start = Instant::now();
         let mut committed = false;
         let mut st = self.inner.md_writable()?;
@@ -301,7 +334,7 @@ impl Volume {
                     st.low_water_fired = true;
                     tracing::warn!(free, mark, "pool data space below the low-water mark");
                 }
-                return Ok(b);
+                return Ok((b, st.zeroed.take(b)));
             }
             if st.dirty && !committed {
                 // Blocks freed in this transaction become free after a commit.

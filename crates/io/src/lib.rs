@@ -106,6 +106,46 @@ pub trait BlockDevice: Send + Sync {
     fn set_size(&self, size: u64) -> Result<()>;
     /// Deallocate a range (sparse files: punch a hole); reads of it return zeros afterwards.
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+    /// Make `dst..dst+len`, which reads zeros now (punched, or never written), read what
+    /// `src..src+len` reads (the ranges must not overlap). Durable after `sync`, like a write.
+    ///
+    /// Only what is not zero needs copying. The default reads the source through a buffer and
+    /// writes its nonzero 4 KiB pieces; [`FileDevice`] on a regular file asks the file system
+    /// where the source holds data (holes are neither read nor written) and copies that in the
+    /// kernel. Copy-on-write of a mostly empty block then costs what its data costs.
+    fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> Result<()> {
+        copy_nonzero(self, src, dst, len)
+    }
+}
+
+/// [`BlockDevice::copy_into_zeroed`] through a buffer: reads of at most 64 KiB, writes of the
+/// runs of 4 KiB pieces that are not all zeros.
+pub fn copy_nonzero<D: BlockDevice + ?Sized>(dev: &D, src: u64, dst: u64, len: u64) -> Result<()> {
+    const PIECE: usize = 4096;
+    let mut buf = vec![0u8; len.min(1 << 16) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        let chunk = &mut buf[..n];
+        dev.read_at(chunk, src + done)?;
+        let nonzero = |at: usize| chunk[at..(at + PIECE).min(n)].iter().any(|&b| b != 0);
+        let mut i = 0;
+        while i < n {
+            if !nonzero(i) {
+                i += PIECE;
+                continue;
+            }
+            let mut j = i + PIECE;
+            while j < n && nonzero(j) {
+                j += PIECE;
+            }
+            let j = j.min(n);
+            dev.write_at(&chunk[i..j], dst + done + i as u64)?;
+            i = j;
+        }
+        done += n as u64;
+    }
+    Ok(())
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -129,6 +169,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         (**self).punch_hole(offset, len)
+    }
+    fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> Result<()> {
+        (**self).copy_into_zeroed(src, dst, len)
     }
 }
 

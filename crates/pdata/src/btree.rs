@@ -117,6 +117,22 @@ pub fn lookup(
     key: u64,
     value_size: usize,
 ) -> Result<Option<Vec<u8>>> {
+    lookup_with(tx, root, key, value_size, |v| v.to_vec())
+}
+
+/// Look up a `u64` value (no allocation: the I/O path looks up every block this way).
+pub fn lookup_u64(tx: &mut dyn NodeSource, root: u64, key: u64) -> Result<Option<u64>> {
+    lookup_with(tx, root, key, 8, le)
+}
+
+/// Look up `key` and hand its value to `f`.
+fn lookup_with<T>(
+    tx: &mut dyn NodeSource,
+    root: u64,
+    key: u64,
+    value_size: usize,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<Option<T>> {
     let mut b = root;
     for _depth in 0..64 {
         let blk = tx.read_node(b, value_size)?;
@@ -125,7 +141,7 @@ pub fn lookup(
             return Ok(None);
         };
         if n.is_leaf() {
-            return Ok((n.key(i) == key).then(|| n.value(i).to_vec()));
+            return Ok((n.key(i) == key).then(|| f(n.value(i))));
         }
         b = n.value_u64(i);
     }
@@ -133,11 +149,6 @@ pub fn lookup(
         root,
         "tree deeper than 64 levels (a cycle?)".into(),
     ))
-}
-
-/// Look up a `u64` value.
-pub fn lookup_u64(tx: &mut dyn NodeSource, root: u64, key: u64) -> Result<Option<u64>> {
-    Ok(lookup(tx, root, key, 8)?.map(|v| le(&v)))
 }
 
 /// Visit every `(key, value)` in key order; the visitor returns `false` to stop.

@@ -14,6 +14,7 @@
 //! dirty: they are unreachable from the committed superblock, so this is safe at any time.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use thinpool_io::BlockDevice;
@@ -98,6 +99,32 @@ impl IndexEntry {
     }
 }
 
+/// Hashes metadata block numbers for the block maps: one multiplication, folded so that the
+/// high bits reach the low ones. Every B-tree node read goes through two of these maps (the
+/// transaction's blocks, then the cache), and SipHash cost more than the rest of a lookup. Its
+/// protection against chosen keys matters little here: keys are block numbers below the
+/// device's size, and the cache is bounded, so even a crafted metadata file can only make some
+/// probes longer, not unbounded.
+#[derive(Default, Clone, Copy)]
+struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by metadata block number.
+type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
+
 #[derive(Debug, Default, Clone)]
 struct SmLayout {
     bitmaps: Vec<u64>,
@@ -109,7 +136,7 @@ struct SmLayout {
 /// by read-only tools.
 pub struct BlockReader {
     dev: Arc<dyn BlockDevice>,
-    cache: HashMap<u64, Arc<Block>>,
+    cache: BlockMap<Arc<Block>>,
     nr_blocks: u64,
 }
 
@@ -119,7 +146,7 @@ impl BlockReader {
         let nr_blocks = dev.size()? / BLOCK_SIZE as u64;
         Ok(BlockReader {
             dev,
-            cache: HashMap::new(),
+            cache: BlockMap::default(),
             nr_blocks,
         })
     }
@@ -180,7 +207,7 @@ impl BlockReader {
 /// The open transaction over a metadata device: both space maps, new blocks, commit.
 pub struct Transaction {
     reader: BlockReader,
-    dirty: HashMap<u64, (BlockKind, Arc<Block>)>,
+    dirty: BlockMap<(BlockKind, Arc<Block>)>,
     meta_sm: SpaceMap,
     data_sm: SpaceMap,
     meta_layout: SmLayout,
@@ -214,7 +241,7 @@ impl Transaction {
         meta_sm.set(0, 1);
         let mut tx = Transaction {
             reader,
-            dirty: HashMap::new(),
+            dirty: BlockMap::default(),
             meta_layout: SmLayout {
                 bitmaps: vec![0; meta_sm.nr_bitmaps()],
                 ..Default::default()
@@ -280,7 +307,7 @@ impl Transaction {
         }
         let mut tx = Transaction {
             reader,
-            dirty: HashMap::new(),
+            dirty: BlockMap::default(),
             meta_sm,
             data_sm: SpaceMap::new(data_root.nr_blocks),
             meta_layout,

@@ -106,12 +106,56 @@ pub struct Lookup {
     pub shared: bool,
 }
 
+/// What [`ThinMetadata::find_block`] needs of a device besides its bottom tree.
+#[derive(Debug, Clone, Copy)]
+struct DeviceEntry {
+    id: u32,
+    /// Root of the device's bottom tree (its value in the top level of the mapping tree).
+    root: u64,
+    /// `snapshotted_time` of its details.
+    snapshotted_time: u32,
+}
+
+/// Devices remembered by [`DeviceCache`]; more are rare (one entry per volume in use).
+const DEVICE_CACHE_SIZE: usize = 64;
+
+/// The devices recently looked up, so that a lookup reads only the bottom tree instead of the
+/// details tree, the top level and then the bottom tree (the I/O path looks up every block).
+///
+/// An entry stays right while nothing changes the device's value in the top level or its
+/// details. Changes to one device's mappings (`insert_block*`, `remove_range`) replace its
+/// entry and leave the others alone: they shadow nodes of the top level and may move other
+/// devices' entries between nodes, but never change another device's value. Every other
+/// change to devices (create, snapshot, delete, details set by restore) empties the cache.
+#[derive(Debug, Default)]
+struct DeviceCache(Vec<DeviceEntry>);
+
+impl DeviceCache {
+    fn get(&self, id: u32) -> Option<DeviceEntry> {
+        self.0.iter().find(|e| e.id == id).copied()
+    }
+    fn forget(&mut self, id: u32) {
+        self.0.retain(|e| e.id != id);
+    }
+    fn put(&mut self, e: DeviceEntry) {
+        self.forget(e.id);
+        if self.0.len() >= DEVICE_CACHE_SIZE {
+            self.0.clear();
+        }
+        self.0.push(e);
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// The dm-thin metadata of one pool, open for reading and writing.
 pub struct ThinMetadata {
     tx: Transaction,
     sb: Superblock,
     /// Device details changed in this transaction (written at commit, like the kernel).
     details: BTreeMap<u32, DeviceDetails>,
+    devices: DeviceCache,
 }
 
 impl ThinMetadata {
@@ -150,6 +194,7 @@ impl ThinMetadata {
             tx,
             sb,
             details: BTreeMap::new(),
+            devices: DeviceCache::default(),
         };
         md.commit()?;
         Ok(md)
@@ -164,6 +209,7 @@ impl ThinMetadata {
             tx,
             sb,
             details: BTreeMap::new(),
+            devices: DeviceCache::default(),
         };
         md.verify_top_level()?;
         Ok(md)
@@ -333,6 +379,7 @@ impl ThinMetadata {
     /// top level of the mapping tree, and its details stamped with the current transaction and
     /// time.
     fn add_device(&mut self, id: ThinId, root: u64, mapped_blocks: u64) -> Result<()> {
+        self.devices.clear();
         self.sb.mapping_root = btree::insert(
             &mut self.tx,
             self.sb.mapping_root,
@@ -368,6 +415,7 @@ impl ThinMetadata {
             ));
         }
         let root = self.device_root(origin)?;
+        self.devices.clear();
         self.sb.time += 1;
         self.tx.inc_meta(root)?;
         od.snapshotted_time = self.sb.time;
@@ -380,6 +428,7 @@ impl ThinMetadata {
         if self.details_of(id)?.is_none() {
             return Err(Error::NoSuchDevice(id.0));
         }
+        self.devices.clear();
         self.sb.mapping_root =
             btree::remove(&mut self.tx, self.sb.mapping_root, id.0 as u64, &MAPPINGS)?.0;
         self.details.remove(&id.0);
@@ -388,16 +437,32 @@ impl ThinMetadata {
         Ok(())
     }
 
-    /// Look up the mapping of virtual block `vblock` of device `id`.
-    pub fn find_block(&mut self, id: ThinId, vblock: u64) -> Result<Option<Lookup>> {
+    /// The device's bottom-tree root and snapshot time, from the cache if it has them.
+    fn device_entry(&mut self, id: ThinId) -> Result<DeviceEntry> {
+        if let Some(e) = self.devices.get(id.0) {
+            return Ok(e);
+        }
         let d = self.device_details(id)?;
-        let root = self.device_root(id)?;
-        Ok(btree::lookup_u64(&mut self.tx, root, vblock)?.map(|v| {
+        let e = DeviceEntry {
+            id: id.0,
+            root: self.device_root(id)?,
+            snapshotted_time: d.snapshotted_time,
+        };
+        self.devices.put(e);
+        Ok(e)
+    }
+
+    /// Look up the mapping of virtual block `vblock` of device `id`. O(log n) in the device's
+    /// mappings: a device looked up before (and not changed since but by its own mappings)
+    /// costs one walk down its bottom tree, through the block cache.
+    pub fn find_block(&mut self, id: ThinId, vblock: u64) -> Result<Option<Lookup>> {
+        let e = self.device_entry(id)?;
+        Ok(btree::lookup_u64(&mut self.tx, e.root, vblock)?.map(|v| {
             let bt = BlockTime::unpack(v);
             Lookup {
                 data_block: bt.block,
                 time: bt.time,
-                shared: d.snapshotted_time > bt.time,
+                shared: e.snapshotted_time > bt.time,
             }
         }))
     }
@@ -458,6 +523,9 @@ impl ThinMetadata {
         .to_le_bytes();
         let mut is_new = false;
         let mut missing = false;
+        let mut new_root = 0;
+        // Until the change is through, the device's cached root may be stale.
+        self.devices.forget(id.0);
         self.sb.mapping_root = btree::update(
             &mut self.tx,
             self.sb.mapping_root,
@@ -471,6 +539,7 @@ impl ThinMetadata {
                 let root = block::le_u64(old, 0);
                 let (root, new) = btree::insert(tx, root, vblock, &value, &BlockTimeOps)?;
                 is_new = new;
+                new_root = root;
                 Ok(root.to_le_bytes().to_vec())
             },
         )?;
@@ -483,6 +552,11 @@ impl ThinMetadata {
             d.mapped_blocks += 1;
             self.details.insert(id.0, d);
         }
+        self.devices.put(DeviceEntry {
+            id: id.0,
+            root: new_root,
+            snapshotted_time: d.snapshotted_time,
+        });
         Ok(())
     }
 
@@ -508,6 +582,8 @@ impl ThinMetadata {
             return Ok(0);
         }
         let n = keys.len() as u64;
+        let mut new_root = 0;
+        self.devices.forget(id.0);
         self.sb.mapping_root = btree::update(
             &mut self.tx,
             self.sb.mapping_root,
@@ -518,11 +594,17 @@ impl ThinMetadata {
                 for &k in &keys {
                     root = btree::remove(tx, root, k, &BlockTimeOps)?.0;
                 }
+                new_root = root;
                 Ok(root.to_le_bytes().to_vec())
             },
         )?;
         d.mapped_blocks = d.mapped_blocks.saturating_sub(n);
         self.details.insert(id.0, d);
+        self.devices.put(DeviceEntry {
+            id: id.0,
+            root: new_root,
+            snapshotted_time: d.snapshotted_time,
+        });
         Ok(n)
     }
 
@@ -563,6 +645,7 @@ impl ThinMetadata {
 
     /// Set a device's details as a whole (restore).
     pub(crate) fn set_details(&mut self, id: ThinId, d: DeviceDetails) {
+        self.devices.clear();
         self.details.insert(id.0, d);
     }
 
@@ -599,6 +682,8 @@ impl ThinMetadata {
         }
         let blk = self.tx.read(h, BlockKind::Superblock)?;
         let held = Superblock::decode(&blk[..]);
+        // (Deleting the frozen trees changes no device's values; forgetting is just cheap.)
+        self.devices.clear();
         self.sb.held_root = 0;
         btree::delete_tree(&mut self.tx, held.mapping_root, &MAPPINGS)?;
         btree::delete_tree(&mut self.tx, held.details_root, &DETAILS)?;

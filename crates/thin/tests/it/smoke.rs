@@ -111,3 +111,74 @@ fn growing_data_and_metadata_keeps_the_pool_valid() {
     let dump = thin_dump(&m.path, &[]);
     assert!(dump.contains("nr_data_blocks=\"400000\""));
 }
+
+/// `find_block` remembers each device's bottom-tree root and snapshot time; every change to a
+/// device (its own mappings, a snapshot of it or of a sibling, deletion and re-creation under
+/// the same id, a metadata snapshot) must show in the next lookup.
+#[test]
+fn find_block_follows_every_change_to_a_device() {
+    let m = TempMeta::new(8 << 20);
+    let mut md = ThinMetadata::format(m.dev(), 128, 10_000).unwrap();
+    let (t0, t1, t2) = (
+        ThinId::new(0).unwrap(),
+        ThinId::new(1).unwrap(),
+        ThinId::new(2).unwrap(),
+    );
+    let find = |md: &mut ThinMetadata, t, v| {
+        md.find_block(t, v)
+            .unwrap()
+            .map(|l| (l.data_block, l.shared))
+    };
+    md.create_thin(t0).unwrap();
+    assert_eq!(find(&mut md, t0, 5), None);
+    // Enough mappings that the bottom tree has internal nodes (its root splits).
+    let mut first = Vec::new();
+    for v in 0..2000u64 {
+        let b = md.alloc_data_block().unwrap().unwrap();
+        md.insert_block(t0, v, b).unwrap();
+        first.push(b);
+        assert_eq!(find(&mut md, t0, v), Some((b, false)));
+    }
+    md.commit().unwrap();
+    assert_eq!(find(&mut md, t0, 1999), Some((first[1999], false)));
+    md.create_snap(t1, t0).unwrap();
+    assert_eq!(find(&mut md, t0, 7), Some((first[7], true)));
+    assert_eq!(find(&mut md, t1, 7), Some((first[7], true)));
+    // Break sharing in the origin: its root moves, the snapshot keeps the old tree.
+    let b = md.alloc_data_block().unwrap().unwrap();
+    md.insert_block(t0, 7, b).unwrap();
+    assert_eq!(find(&mut md, t0, 7), Some((b, false)));
+    assert_eq!(find(&mut md, t1, 7), Some((first[7], true)));
+    assert_eq!(find(&mut md, t0, 8), Some((first[8], true)));
+    // A snapshot of the snapshot changes the snapshot's time, not the origin's.
+    md.create_snap(t2, t1).unwrap();
+    assert_eq!(find(&mut md, t0, 7), Some((b, false)));
+    assert_eq!(find(&mut md, t2, 7), Some((first[7], true)));
+    // Removal, then the rest of the tree is still found.
+    assert_eq!(md.remove_range(t1, 0, 1000).unwrap(), 1000);
+    assert_eq!(find(&mut md, t1, 7), None);
+    assert_eq!(find(&mut md, t1, 1500), Some((first[1500], true)));
+    assert_eq!(find(&mut md, t2, 7), Some((first[7], true)));
+    // A metadata snapshot shares the top level; lookups and changes go on as before.
+    md.reserve_metadata_snap().unwrap();
+    let c = md.alloc_data_block().unwrap().unwrap();
+    md.insert_block(t1, 3, c).unwrap();
+    assert_eq!(find(&mut md, t1, 3), Some((c, false)));
+    assert_eq!(find(&mut md, t2, 3), Some((first[3], true)));
+    md.release_metadata_snap().unwrap();
+    assert_eq!(find(&mut md, t1, 3), Some((c, false)));
+    // Deleted and created again under the same id: empty.
+    assert_eq!(find(&mut md, t0, 7), Some((b, false)));
+    md.delete_thin(t0).unwrap();
+    assert!(md.find_block(t0, 7).is_err());
+    md.create_thin(t0).unwrap();
+    assert_eq!(find(&mut md, t0, 7), None);
+    assert_eq!(find(&mut md, t0, 8), None);
+    // Reopen without commit: the open transaction is gone, and so is what was remembered.
+    md.commit().unwrap();
+    let d = md.alloc_data_block().unwrap().unwrap();
+    md.insert_block(t2, 9, d).unwrap();
+    drop(md);
+    let mut md = ThinMetadata::open(m.dev()).unwrap();
+    assert_eq!(find(&mut md, t2, 9), Some((first[9], true)));
+}
