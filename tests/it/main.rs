@@ -7,6 +7,8 @@
 //! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
 //! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
 //!   out compared byte for byte; `thin_check` on what they leave.
+//! - `cli_info`: `thinpool info`, `vol info`, `pool check`, `completions` and `man`, with and
+//!   without a daemon; numbers checked against what was written and the pool's files.
 //! - `daemon`: the same commands while a daemon holds the pool (through its control socket),
 //!   printing exactly what they print without one.
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
@@ -14,6 +16,7 @@
 //! - `up`: `thinpool up` as a user drives it (NBD writes, snapshots, growing under fio, JSON
 //!   numbers, SIGTERM, thin_check) and its bad inputs.
 
+mod cli_info;
 mod cli_pool;
 mod daemon;
 mod engine_kernel;

@@ -39,6 +39,14 @@ fn mirror<E: Serialize, C: DeserializeOwned>(v: E) -> Result<C> {
 }
 
 impl Target<'_> {
+    /// The process id of the daemon this target goes through; `None` for a pool opened here.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        match self {
+            Target::Daemon(c) => Some(c.daemon().pid),
+            Target::Local(_) => None,
+        }
+    }
+
     /// The pool's status.
     pub fn status(&mut self) -> Result<PoolStatus> {
         match self {

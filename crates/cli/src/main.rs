@@ -3,7 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+mod check;
 mod client;
+mod docs;
+mod info;
 mod meta;
 mod nbd;
 mod pool;
@@ -13,7 +16,7 @@ mod vol;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// thinpool: thin-provisioned volumes and snapshots on the Linux kernel's dm-thin format.
 #[derive(Parser)]
@@ -49,7 +52,17 @@ enum Command {
     /// blocks), serve every volume over NBD on ROOT/nbd.sock and the control API on
     /// ROOT/control.sock. Foreground; SIGTERM or Ctrl-C commits and exits.
     Up(up::UpArgs),
-    /// Create a pool, show its status, grow it.
+    /// Show the pool as `docker info` shows a devicemapper pool: Docker's fields (Pool Name,
+    /// Pool Blocksize, Base Device Size, Backing Filesystem, Data/Metadata Space
+    /// Used/Total/Available, Thin Pool Minimum Free Space, ...), then volumes, snapshots,
+    /// transaction id, mode and daemon. Deferred removal and deletion are always false (and
+    /// the deferred count 0): volumes are removed at once.
+    Info {
+        /// Print the same as a JSON object: snake_case keys, sizes in bytes.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a pool, show its status, check its metadata, grow it.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
     /// Thin volumes and snapshots: create, snapshot, ls, resize, rm, import, export.
@@ -62,6 +75,22 @@ enum Command {
     /// thin-provisioning-tools), on a metadata file or block device.
     #[command(subcommand)]
     Meta(meta::MetaCommand),
+    /// Print a shell completion script. E.g. `source <(thinpool completions bash)`, or save it
+    /// as /usr/share/bash-completion/completions/thinpool (bash), as _thinpool in a folder of
+    /// $fpath (zsh), or as ~/.config/fish/completions/thinpool.fish (fish).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff, `man -l -` reads it), or write one page per command into a
+    /// folder with --dir (thinpool.1, thinpool-pool.1, thinpool-pool-create.1, ...).
+    Man {
+        /// Write every page into this folder (created if needed) instead of printing the top
+        /// one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -82,6 +111,11 @@ fn main() {
         .init();
     let root = cli.root.unwrap_or_else(thinpool_engine::default_root);
     let code = match cli.command {
+        Command::Info { json } => {
+            pool::with_daemon_or_pool(&root, |target| info::run(target, &root, json))
+        }
+        Command::Completions { shell } => docs::completions(shell, &mut Cli::command()),
+        Command::Man { dir } => docs::man(Cli::command(), dir.as_deref()),
         Command::Pool(cmd) => pool::run(&root, cmd),
         Command::Vol(cmd) => vol::run(&root, cmd),
         Command::Meta(cmd) => meta::run(cmd),

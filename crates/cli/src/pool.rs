@@ -1,7 +1,7 @@
-//! `thinpool pool …`: create a pool, show its status, grow it. Each command is one call into
-//! `thinpool-engine` — through the daemon when one serves the pool (`client`), else on the pool
-//! opened for the command; this module only turns flags into a `PoolConfig` and prints the
-//! answer.
+//! `thinpool pool …`: create a pool, show its status, grow it (`pool check` lives in `check`).
+//! Each command is one call into `thinpool-engine` — through the daemon when one serves the
+//! pool (`client`), else on the pool opened for the command; this module only turns flags into
+//! a `PoolConfig` and prints the answer.
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +48,15 @@ pub enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check the pool's metadata: every structure and reference count, as `thinpool meta
+    /// check` (like thin_check) does on a metadata file. Exit status 0 when clean, 1 when
+    /// damaged.
+    ///
+    /// Without a daemon the pool's lock is taken for the check (the pool itself is not opened,
+    /// so metadata too damaged to open is still reported on). With a daemon, the daemon commits
+    /// and the committed metadata is checked read-only while writes go on; a commit that races
+    /// with the check is detected and damage seen during one is checked again once.
+    Check,
     /// Grow the data and/or metadata files (online; never shrinks). Without sizes, pick up
     /// the current sizes of the underlying devices (after growing a block device or LV).
     Grow {
@@ -63,6 +72,7 @@ pub enum PoolCommand {
 pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
     let at = root.display();
     match cmd {
+        PoolCommand::Check => crate::check::run(root),
         PoolCommand::Create {
             data_size,
             metadata_size,

@@ -7,26 +7,34 @@
 
 const UNITS: [(char, u32); 5] = [('k', 1), ('m', 2), ('g', 3), ('t', 4), ('p', 5)];
 
+/// How sizes are written, for error messages.
+const HOW: &str = "1024-based, optionally followed by iB or B; e.g. 4096, 512M, 10G, 10GiB";
+
 /// Parse a size such as `10G`, `10GiB`, `512M`, `64K`, `4096` or `4096B` into bytes.
 ///
 /// Units are case-insensitive and 1024-based; spaces between the number and the unit are
-/// allowed. Errors (as text, for clap) say what was expected.
+/// allowed. Errors (as text, for clap) quote the input and say what to write instead:
+/// `invalid size '12X': unknown unit 'X': use bytes or K/M/G/T/P (…)`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
     if num.is_empty() {
         return Err(format!(
-            "invalid size {s:?}: expected a whole number of bytes, optionally followed by a unit \
-             (K, M, G, T, P; e.g. 512M, 10G, 10GiB)"
+            "invalid size '{s}': no number: use bytes or K/M/G/T/P after a whole number \
+             ({HOW})"
         ));
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!(
+            "invalid size '{s}': number too large (at most {})",
+            u64::MAX
+        )
+    })?;
     if unit.starts_with(['.', ',']) {
         return Err(format!(
-            "invalid size {s:?}: fractions are not accepted, use a smaller unit (1536M, not 1.5G)"
+            "invalid size '{s}': fractions are not accepted: use a smaller unit (1536M, not \
+             1.5G)"
         ));
     }
     let unit = unit.trim_start().to_ascii_lowercase();
@@ -43,15 +51,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .filter(|_| matches!(rest, "" | "b" | "ib"))
             .ok_or_else(|| {
                 format!(
-                    "invalid size {s:?}: unknown unit {:?} (expected K, M, G, T or P, optionally \
-                     followed by iB or B; all 1024-based)",
+                    "invalid size '{s}': unknown unit '{}': use bytes or K/M/G/T/P ({HOW})",
                     &t[digits_end..].trim_start()
                 )
             })?;
         10 * power
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size {s:?}: more than {} bytes", u64::MAX))
+        .ok_or_else(|| format!("invalid size '{s}': more than {} bytes", u64::MAX))
 }
 
 /// A size for people: `512 B`, `64.0 KiB`, `10.0 GiB`, `1.5 TiB` (one decimal, 1024-based).
@@ -128,8 +135,17 @@ mod tests {
             "0x10", "10iB", "10 B B",
         ] {
             let e = parse_size(s).expect_err(s);
-            assert!(e.contains(&format!("{s:?}")), "{s}: {e}");
+            assert!(e.contains(&format!("'{s}'")), "{s}: {e}");
+            assert!(e.starts_with("invalid size '"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn unknown_units_say_what_to_use() {
+        assert_eq!(
+            parse_size("12X").unwrap_err(),
+            format!("invalid size '12X': unknown unit 'X': use bytes or K/M/G/T/P ({HOW})")
+        );
     }
 
     #[test]

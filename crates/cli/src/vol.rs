@@ -37,6 +37,9 @@ const CHUNK: u64 = 4 << 20;
 /// Granularity at which export looks for zeros to leave as holes: a filesystem block.
 const PAGE: usize = 4096;
 
+/// Size of a volume created without `--size`: 10 GiB, Docker's `dm.basesize` default.
+pub const BASE_DEVICE_SIZE: u64 = 10 << 30;
+
 /// How often a long import commits what it has written (the kernel's commit period), so that
 /// the open transaction stays small and a crash loses at most this much work.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -47,11 +50,20 @@ pub enum VolCommand {
     Create {
         /// Volume name.
         name: String,
-        /// Virtual size (may exceed the pool: thin provisioning). Bytes, or a number with a
-        /// 1024-based unit: K, M, G, T, P (optionally followed by iB or B: 10G = 10GiB = 10GB =
-        /// 10 × 1024³ bytes).
+        /// Virtual size (may exceed the pool: thin provisioning); default 10G, Docker's
+        /// dm.basesize. Bytes, or a number with a 1024-based unit: K, M, G, T, P (optionally
+        /// followed by iB or B: 10G = 10GiB = 10GB = 10 × 1024³ bytes).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        size: u64,
+        size: Option<u64>,
+    },
+    /// Show one volume: kind, parent, thin id, size, creation time, the blocks it maps.
+    Info {
+        /// Volume name.
+        name: String,
+        /// Print the volume as JSON (sizes in bytes; `created` in seconds since the epoch,
+        /// `created_at` in RFC 3339).
+        #[arg(long)]
+        json: bool,
     },
     /// Take a snapshot of a volume (instant; blocks are shared until either side writes).
     Snapshot {
@@ -150,6 +162,7 @@ fn exec(pool: &mut Target<'_>, root: &Path, cmd: VolCommand) -> Result<String> {
     let at = root.display();
     Ok(match cmd {
         VolCommand::Create { name, size } => {
+            let size = size.unwrap_or(BASE_DEVICE_SIZE);
             let info = pool
                 .create_volume(&name, size)
                 .with_context(|| format!("creating volume {name:?} in the pool at {at}"))?;
@@ -159,6 +172,17 @@ fn exec(pool: &mut Target<'_>, root: &Path, cmd: VolCommand) -> Result<String> {
                 human(info.size),
                 info.thin_id
             )
+        }
+        VolCommand::Info { name, json } => {
+            let what = || format!("reading volume {name:?} of the pool at {at}");
+            let info = pool.volume_info(&name).with_context(what)?;
+            let block_size = pool.status().with_context(what)?.block_size;
+            let detail = VolumeDetail::new(info, block_size);
+            if json {
+                serde_json::to_string_pretty(&detail)? + "\n"
+            } else {
+                render_info(&detail)
+            }
         }
         VolCommand::Snapshot { origin, name } => {
             let info = pool.snapshot(&origin, &name).with_context(|| {
@@ -247,6 +271,86 @@ fn kind_name(kind: VolumeKind) -> &'static str {
         VolumeKind::Thin => "thin",
         VolumeKind::Snapshot => "snapshot",
     }
+}
+
+/// `vol info`: a volume with what its numbers mean in bytes and time.
+#[derive(serde::Serialize)]
+struct VolumeDetail {
+    #[serde(flatten)]
+    info: VolumeInfo,
+    /// `created` in RFC 3339, UTC.
+    created_at: String,
+    /// `mapped_blocks` in bytes.
+    mapped_bytes: u64,
+    /// The pool's block size.
+    block_size: u64,
+}
+
+impl VolumeDetail {
+    fn new(info: VolumeInfo, block_size: u64) -> Self {
+        VolumeDetail {
+            created_at: rfc3339(info.created),
+            mapped_bytes: info.mapped_blocks.saturating_mul(block_size),
+            block_size,
+            info,
+        }
+    }
+}
+
+/// `vol info` for people.
+fn render_info(d: &VolumeDetail) -> String {
+    let v = &d.info;
+    crate::info::aligned(&[
+        ("Name", v.name.clone()),
+        ("Kind", kind_name(v.kind).to_string()),
+        (
+            "Parent",
+            v.parent.clone().unwrap_or_else(|| "-".to_string()),
+        ),
+        ("Thin id", v.thin_id.to_string()),
+        ("Size", format!("{} ({} bytes)", human(v.size), v.size)),
+        ("Created", d.created_at.clone()),
+        (
+            "Mapped",
+            format!(
+                "{} blocks of {}, {} ({} bytes, {}% of the size)",
+                v.mapped_blocks,
+                human(d.block_size),
+                human(d.mapped_bytes),
+                d.mapped_bytes,
+                // A last partial block counts whole, so cap at 100 %.
+                percent(d.mapped_bytes.min(v.size), v.size),
+            ),
+        ),
+        (
+            "Highest mapped block",
+            v.highest_mapped_block
+                .map_or_else(|| "none".to_string(), |b| b.to_string()),
+        ),
+    ])
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC time, `2024-02-29T13:05:09Z` (proleptic
+/// Gregorian calendar, counting days in 400-year eras of 146 097 days).
+fn rfc3339(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).expect("u64 / 86400 fits in i64");
+    let rem = secs % 86_400;
+    // Days since 0000-03-01: years then run March to February, so a leap day ends its year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097; // day of the era, 0..=146_096
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the March-based year
+    let mp = (5 * doy + 2) / 153; // March-based month, 0..=11
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// `vol ls` for people: one aligned row per volume.
@@ -710,6 +814,43 @@ mod tests {
         let mut b = vec![0u8; 3 * PAGE + 5];
         b[3 * PAGE + 4] = 1;
         assert!(!is_zero(&b));
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_709_211_909), "2024-02-29T13:05:09Z");
+        assert_eq!(rfc3339(1_735_689_599), "2024-12-31T23:59:59Z");
+        assert_eq!(rfc3339(4_102_444_800), "2100-01-01T00:00:00Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn info_is_aligned_and_complete() {
+        let v = VolumeInfo {
+            name: "snap".into(),
+            thin_id: 3,
+            size: 1 << 20,
+            kind: VolumeKind::Snapshot,
+            parent: Some("base".into()),
+            created: 1_709_211_909,
+            mapped_blocks: 2,
+            highest_mapped_block: Some(9),
+        };
+        let t = render_info(&VolumeDetail::new(v, 64 << 10));
+        for want in [
+            "Name:                 snap\n",
+            "Kind:                 snapshot\n",
+            "Parent:               base\n",
+            "Thin id:              3\n",
+            "Size:                 1.0 MiB (1048576 bytes)\n",
+            "Created:              2024-02-29T13:05:09Z\n",
+            "Mapped:               2 blocks of 64.0 KiB, 128.0 KiB (131072 bytes, 12.5% of the size)\n",
+            "Highest mapped block: 9\n",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::proto::{
     ErrorKind, Hello, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
     write_frame,
 };
-use crate::types::{PoolStatus, VolumeInfo};
+use crate::types::{CommittedMetadata, PoolStatus, VolumeInfo};
 
 /// Errors of the control client. A daemon's own refusal ([`Error::Daemon`]) shows the daemon's
 /// message unchanged, so that it reads as it would from the engine.
@@ -300,6 +300,12 @@ impl Client {
     /// Make everything written so far durable.
     pub fn commit(&mut self) -> Result<()> {
         self.call(&Request::Commit).map(drop)
+    }
+
+    /// Commit, and learn where the committed metadata is, to check it read-only (see
+    /// [`Request::PoolCheck`]). Durable when this returns.
+    pub fn pool_check(&mut self) -> Result<CommittedMetadata> {
+        self.call_as(&Request::PoolCheck)
     }
 }
 

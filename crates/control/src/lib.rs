@@ -10,6 +10,7 @@
 //!   one message.
 //! - [`PoolStatus`], [`VolumeInfo`]: the engine's answers as the wire carries them — the same
 //!   fields, names and JSON shape as `thinpool-engine`'s types of the same names.
+//!   [`CommittedMetadata`]: the answer to [`Request::PoolCheck`].
 //! - [`Client`]: a blocking client; [`Client::connect_if_running`] tells "no daemon" (no socket,
 //!   or a stale one) from a daemon that is there.
 //! - [`Error`] / [`ErrorKind`]: what went wrong; a daemon's own refusals keep the engine's kind.
@@ -47,4 +48,4 @@ pub use proto::{
     ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request,
     Response, SOCKET_NAME, read_frame, socket_path, write_frame,
 };
-pub use types::{PoolMode, PoolStatus, VolumeInfo, VolumeKind};
+pub use types::{CommittedMetadata, PoolMode, PoolStatus, VolumeInfo, VolumeKind};

@@ -78,6 +78,14 @@ pub enum Request {
     },
     /// Make everything written so far durable; answered with `null`.
     Commit,
+    /// Commit, then say where the committed metadata is so that the client can check it
+    /// read-only; answered with a [`CommittedMetadata`](crate::CommittedMetadata).
+    ///
+    /// The daemon links no metadata code (it sees only the engine's API), so the check itself
+    /// runs in the client (`thinpool pool check`), on the committed state. Writes go on
+    /// meanwhile: a commit during the check can make it see blocks of two transactions, which
+    /// the client detects (the superblock changed) and answers by checking again.
+    PoolCheck,
 }
 
 impl Request {
@@ -94,6 +102,7 @@ impl Request {
             Request::VolumeResize { .. } => "volume_resize",
             Request::PoolGrow { .. } => "pool_grow",
             Request::Commit => "commit",
+            Request::PoolCheck => "pool_check",
         }
     }
 }
@@ -242,6 +251,7 @@ mod tests {
                 metadata_size: None,
             },
             Request::Commit,
+            Request::PoolCheck,
         ];
         for r in all {
             let s = serde_json::to_string(&r).unwrap();

@@ -129,3 +129,13 @@ pub struct VolumeInfo {
     /// Highest mapped virtual block.
     pub highest_mapped_block: Option<u64>,
 }
+
+/// The answer to [`Request::PoolCheck`](crate::Request::PoolCheck): the committed metadata a
+/// client may now read to check it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedMetadata {
+    /// The metadata device (`<root>/pool/metadata`, maybe a symlink), to open read-only.
+    pub metadata_path: PathBuf,
+    /// The transaction id of the commit just made.
+    pub transaction_id: u64,
+}

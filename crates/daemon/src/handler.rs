@@ -2,7 +2,7 @@
 //! [`Response`], mapping the engine's error kinds onto the protocol's.
 
 use serde::Serialize;
-use thinpool_control::{ErrorKind, Hello, Request, Response};
+use thinpool_control::{CommittedMetadata, ErrorKind, Hello, Request, Response};
 use thinpool_engine::Pool;
 
 /// The protocol's kind for an engine error kind (one exhaustive match, so a new engine kind
@@ -78,7 +78,23 @@ pub(crate) fn handle(pool: &Pool, hello: &Hello, req: Request) -> Response {
             metadata_size,
         } => answer(pool.grow(data_size, metadata_size)),
         Request::Commit => answer(pool.commit()),
+        Request::PoolCheck => answer(committed_metadata(pool)),
     }
+}
+
+/// Commit, then name the committed metadata for the client to check read-only.
+///
+/// The check itself runs in the client: the daemon sees only the engine's API, which has no
+/// check, and holding writes off while checking would need an engine hook (a check under the
+/// metadata lock). Without one, the client checks while writes go on and tells a commit that
+/// raced with it by the superblock changing under it (`thinpool pool check` retries once).
+fn committed_metadata(pool: &Pool) -> thinpool_engine::Result<CommittedMetadata> {
+    // `status` commits first, so what it reports is what is on disk.
+    let status = pool.status()?;
+    Ok(CommittedMetadata {
+        metadata_path: status.metadata_path,
+        transaction_id: status.transaction_id,
+    })
 }
 
 #[cfg(test)]
@@ -156,6 +172,10 @@ mod tests {
             },
         ));
         ok(handle(&p, &h, Request::Commit));
+        let v = ok(handle(&p, &h, Request::PoolCheck));
+        let c: CommittedMetadata = serde_json::from_value(v).unwrap();
+        assert_eq!(c.metadata_path, dir.path().join("pool").join("metadata"));
+        assert_eq!(c.transaction_id, p.status().unwrap().transaction_id);
         let v = ok(handle(&p, &h, Request::PoolStatus));
         assert_eq!(v["total_data_blocks"], 128 * 16);
         assert_eq!(v["volumes"], 1);
