@@ -244,6 +244,35 @@ fn up_create_write_snapshot_grow_while_writing_remove_stop() {
     assert_eq!(st["used_data_blocks"], 18 + 4096 + 1, "{st}");
     assert_eq!(st["volumes"], 1, "{st}");
     assert_eq!(st["snapshots"], 1, "{st}");
+    // `info --json`: Docker's fields, in bytes, agree with the status and the files.
+    let info = up.json(&["info", "--json"]);
+    let used = (18 + 4096 + 1) * BLOCK;
+    assert_eq!(info["pool_blocksize"], BLOCK, "{info}");
+    assert_eq!(info["data_space_used"], used, "{info}");
+    assert_eq!(info["data_space_total"], 2u64 << 30, "{info}");
+    assert_eq!(info["data_space_available"], (2u64 << 30) - used, "{info}");
+    assert_eq!(info["metadata_space_total"], 64 * MIB, "{info}");
+    assert_eq!(
+        info["metadata_space_used"],
+        st["used_metadata_blocks"].as_u64().unwrap() * 4096,
+        "{info}"
+    );
+    assert_eq!(
+        info["metadata_space_available"],
+        64 * MIB - st["used_metadata_blocks"].as_u64().unwrap() * 4096,
+        "{info}"
+    );
+    assert_eq!(info["volumes"], 1, "{info}");
+    assert_eq!(info["snapshots"], 1, "{info}");
+    assert_eq!(info["transaction_id"], st["transaction_id"], "{info}");
+    assert_eq!(info["mode"], "rw", "{info}");
+    assert_eq!(info["daemon"]["running"], true, "{info}");
+    assert_eq!(
+        info["data_file"],
+        up.root.join("pool/data").display().to_string(),
+        "{info}"
+    );
+    assert_eq!(info["deferred_deleted_device_count"], 0, "{info}");
 
     up.ok(&["vol", "rm", "s"]);
     up.ok(&["vol", "rm", "v"]);
