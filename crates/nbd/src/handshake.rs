@@ -105,6 +105,19 @@ fn resolve(shared: &Shared, requested: &str) -> Result<Export, (u32, String)> {
     })
 }
 
+impl Export {
+    /// Transmission on this export, with what was negotiated for the name the client asked for.
+    fn into_session(self, requested: &str, st: &State) -> Session {
+        Session {
+            flags: transmission_flags(self.read_only, st.structured),
+            base_allocation: st.meta_for.as_deref() == Some(requested),
+            volume: self.volume,
+            read_only: self.read_only,
+            structured: st.structured,
+        }
+    }
+}
+
 fn transmission_flags(read_only: bool, structured: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
     f |= TFLAG_SEND_CACHE;
@@ -342,17 +355,7 @@ pub(crate) fn negotiate(
                 )?;
                 send_reply(&mut sock, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    let base_allocation = st.meta_for.as_deref() == Some(go.name.as_str());
-                    return Ok(Outcome::Transmit(
-                        sock,
-                        Session {
-                            volume: export.volume,
-                            read_only: export.read_only,
-                            structured: st.structured,
-                            base_allocation,
-                            flags,
-                        },
-                    ));
+                    return Ok(Outcome::Transmit(sock, export.into_session(&go.name, &st)));
                 }
             }
             OPT_EXPORT_NAME => {
@@ -375,17 +378,7 @@ pub(crate) fn negotiate(
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 sock.write_all(&reply)?;
-                let base_allocation = st.meta_for.as_deref() == Some(name.as_str());
-                return Ok(Outcome::Transmit(
-                    sock,
-                    Session {
-                        volume: export.volume,
-                        read_only: export.read_only,
-                        structured: st.structured,
-                        base_allocation,
-                        flags,
-                    },
-                ));
+                return Ok(Outcome::Transmit(sock, export.into_session(&name, &st)));
             }
             _ => {
                 send_error(
