@@ -13,6 +13,7 @@
 //!   printing exactly what they print without one.
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
+//! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
 //! - `up`: `thinpool up` as a user drives it (NBD writes, snapshots, growing under fio, JSON
 //!   numbers, SIGTERM, thin_check) and its bad inputs.
 
@@ -22,6 +23,7 @@ mod daemon;
 mod engine_kernel;
 mod kernel;
 mod kernel_api;
+mod move_data;
 mod nbd;
 mod oracle;
 mod up;

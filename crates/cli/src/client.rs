@@ -33,7 +33,7 @@ pub enum Target<'a> {
 }
 
 /// An engine answer as the control protocol would carry it.
-fn mirror<E: Serialize, C: DeserializeOwned>(v: E) -> Result<C> {
+pub fn mirror<E: Serialize, C: DeserializeOwned>(v: E) -> Result<C> {
     let value = serde_json::to_value(&v).context("encoding the engine's answer")?;
     serde_json::from_value(value).context("decoding the engine's answer")
 }

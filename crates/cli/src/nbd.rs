@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Serve snapshots read-only (their origins stay writable).
     #[arg(long)]
     pub snapshots_read_only: bool,
+    /// Serve Prometheus metrics (`GET /metrics`, OpenMetrics text) on this TCP address, e.g.
+    /// 127.0.0.1:9464. Loopback only: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -69,6 +73,7 @@ impl ServeArgs {
 pub fn run(root: &Path, cmd: NbdCommand) -> Result<i32> {
     let NbdCommand::Serve(a) = cmd;
     let mut opts = DaemonOptions::default();
+    opts.metrics = a.metrics;
     opts.nbd = Some(a.config(root));
     serve(root, opts)
 }
@@ -87,6 +92,9 @@ pub fn serve(root: &Path, opts: DaemonOptions) -> Result<i32> {
         if let Some(addr) = nbd.tcp_addr() {
             eprintln!("thinpool: serving NBD on nbd://{addr}/NAME");
         }
+    }
+    if let Some(addr) = daemon.metrics_addr() {
+        eprintln!("thinpool: serving metrics on http://{addr}/metrics");
     }
     eprintln!(
         "thinpool: control socket {} (pid {}); stop with SIGTERM or Ctrl-C",

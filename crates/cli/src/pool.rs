@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use thinpool_control::{PoolMode, PoolStatus};
+use std::io::IsTerminal as _;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use thinpool_control::{DataMoved, PoolMode, PoolStatus};
 use thinpool_engine::{Pool, PoolConfig, PoolOptions};
 
 use crate::client::{self, Target};
@@ -66,6 +69,19 @@ pub enum PoolCommand {
         /// New size of the metadata file (1024-based units: K, M, G, T, P; e.g. 4G).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         metadata_size: Option<u64>,
+    },
+    /// Move the pool's data onto another file or block device, online: volumes stay in use
+    /// (NBD clients go on reading and writing) while the used blocks are copied and verified;
+    /// then `<root>/pool/data` becomes a symlink to PATH. Interrupted at any point (error,
+    /// crash, kill), the pool stays whole on one of the two devices.
+    ///
+    /// PATH: a block device at least as big as the data device (not mounted or in use), or a
+    /// file (created sparse if missing; an existing one must hold no data), outside the
+    /// pool's directory. A default data file inside the pool is kept as `pool/data.old`
+    /// until you delete it.
+    MoveData {
+        /// The new data device or file.
+        path: PathBuf,
     },
 }
 
@@ -126,6 +142,7 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
                 render_status(root, &status)
             })
         }),
+        PoolCommand::MoveData { path } => move_data(root, &path),
         PoolCommand::Grow {
             data_size,
             metadata_size,
@@ -209,6 +226,74 @@ fn options() -> PoolOptions {
         commit_interval: None,
         ..PoolOptions::default()
     }
+}
+
+/// `pool move-data`: through the daemon (a spinner: the move is one request), else on the
+/// pool opened here (a progress bar over the bytes copied, then verified).
+fn move_data(root: &Path, path: &Path) -> Result<i32> {
+    let at = root.display();
+    // The daemon may run elsewhere: give it an absolute path.
+    let path =
+        std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let context = || format!("moving the data of the pool at {at} to {}", path.display());
+    if let Some(mut daemon) = client::daemon(root)? {
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new_spinner();
+            bar.set_message(format!(
+                "moving the data to {} (through the daemon, pid {})",
+                path.display(),
+                daemon.daemon().pid
+            ));
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let moved = daemon.move_data(&path).with_context(context);
+        bar.finish_and_clear();
+        print!("{}", render_moved(root, &moved?));
+        return Ok(0);
+    }
+    let pool = open(root)?;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta})",
+            )
+            .expect("valid template"),
+        );
+        bar.set_message("copying and verifying");
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    finish(pool, root, |pool| {
+        let report = pool.move_data(&path, &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        let report: DataMoved = client::mirror(report.with_context(context)?)?;
+        Ok(render_moved(root, &report))
+    })
+}
+
+fn render_moved(root: &Path, m: &DataMoved) -> String {
+    let mut out = format!(
+        "moved the data of the pool at {} to {}: {} used ({} blocks) copied and verified\n",
+        root.display(),
+        m.data_path.display(),
+        human(m.copied_blocks * m.block_size),
+        m.copied_blocks,
+    );
+    if let Some(old) = &m.old_data_kept {
+        out.push_str(&format!(
+            "the old data file is kept as {}: delete it when you no longer need it\n",
+            old.display()
+        ));
+    }
+    out
 }
 
 fn mode_name(mode: PoolMode) -> &'static str {

@@ -61,6 +61,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_psk: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
     read_only: Option<bool>,
     snapshots_read_only: Option<bool>,
     error_if_no_space: Option<bool>,
@@ -129,6 +130,7 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
         tls_psk: s.tls_psk.or(fc.tls_psk),
         read_only: s.read_only || fc.read_only.unwrap_or(false),
         snapshots_read_only: s.snapshots_read_only || fc.snapshots_read_only.unwrap_or(false),
+        metrics: s.metrics.or(fc.metrics),
     };
     let mut opts = DaemonOptions::default();
     opts.pool.error_if_no_space = a.error_if_no_space || fc.error_if_no_space.unwrap_or(false);
@@ -136,6 +138,26 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
         opts.pool.no_space_timeout = std::time::Duration::from_secs(t);
     }
     opts.create = Some(create);
+    opts.metrics = serve.metrics;
     opts.nbd = Some(serve.config(root));
     crate::nbd::serve(root, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_key_and_flag_parse() {
+        let fc: FileConfig = toml::from_str("metrics = \"127.0.0.1:9464\"").unwrap();
+        assert_eq!(fc.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["up", "--metrics", "[::1]:9464"]).unwrap();
+        assert_eq!(cli.up.serve.metrics, Some("[::1]:9464".parse().unwrap()));
+    }
 }

@@ -14,7 +14,7 @@ use crate::proto::{
     ErrorKind, Hello, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
     write_frame,
 };
-use crate::types::{CommittedMetadata, PoolStatus, VolumeInfo};
+use crate::types::{CommittedMetadata, DataMoved, PoolStatus, VolumeInfo};
 
 /// Errors of the control client. A daemon's own refusal ([`Error::Daemon`]) shows the daemon's
 /// message unchanged, so that it reads as it would from the engine.
@@ -306,6 +306,14 @@ impl Client {
     /// [`Request::PoolCheck`]). Durable when this returns.
     pub fn pool_check(&mut self) -> Result<CommittedMetadata> {
         self.call_as(&Request::PoolCheck)
+    }
+
+    /// Move the pool's data onto `path` (see [`Request::PoolMoveData`]). Blocks until the
+    /// move is done; durable when this returns.
+    pub fn move_data(&mut self, path: &Path) -> Result<DataMoved> {
+        self.call_as(&Request::PoolMoveData {
+            path: path.to_path_buf(),
+        })
     }
 }
 

@@ -86,6 +86,13 @@ pub enum Request {
     /// meanwhile: a commit during the check can make it see blocks of two transactions, which
     /// the client detects (the superblock changed) and answers by checking again.
     PoolCheck,
+    /// Move the pool's data onto another file or block device, online (`<root>/pool/data`
+    /// becomes a symlink to it); answered, when done, with a [`DataMoved`](crate::DataMoved).
+    /// Blocks for as long as the copy takes.
+    PoolMoveData {
+        /// The destination, as the daemon sees it (absolute, or relative to its directory).
+        path: PathBuf,
+    },
 }
 
 impl Request {
@@ -103,6 +110,7 @@ impl Request {
             Request::PoolGrow { .. } => "pool_grow",
             Request::Commit => "commit",
             Request::PoolCheck => "pool_check",
+            Request::PoolMoveData { .. } => "pool_move_data",
         }
     }
 }

@@ -139,3 +139,19 @@ pub struct CommittedMetadata {
     /// The transaction id of the commit just made.
     pub transaction_id: u64,
 }
+
+/// The answer to [`Request::PoolMoveData`](crate::Request::PoolMoveData): the engine's
+/// `MoveReport`, field for field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataMoved {
+    /// The device the data is on now (canonical path).
+    pub data_path: PathBuf,
+    /// Data blocks copied.
+    pub copied_blocks: u64,
+    /// Data blocks compared after the copy.
+    pub verified_blocks: u64,
+    /// Block size in bytes.
+    pub block_size: u64,
+    /// The old data file, kept under this name (the default data file inside `pool/`).
+    pub old_data_kept: Option<PathBuf>,
+}

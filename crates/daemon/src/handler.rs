@@ -79,6 +79,7 @@ pub(crate) fn handle(pool: &Pool, hello: &Hello, req: Request) -> Response {
         } => answer(pool.grow(data_size, metadata_size)),
         Request::Commit => answer(pool.commit()),
         Request::PoolCheck => answer(committed_metadata(pool)),
+        Request::PoolMoveData { path } => answer(pool.move_data(&path, &|_, _| {})),
     }
 }
 

@@ -9,6 +9,8 @@
 //!   `<root>/control.sock` (mode 0600; peers of another user are refused, root excepted).
 //!   [`Daemon::pool`] hands the open pool to front-ends; [`Daemon::stop`] stops serving,
 //!   removes the socket, commits and closes the pool.
+//! - With [`DaemonOptions::metrics`], `GET /metrics` answers in the OpenMetrics text format
+//!   on a loopback TCP address ([`Daemon::metrics_addr`]), read from the pool at each scrape.
 //! - [`ShutdownSignals`] / [`wait_for_shutdown_signal`]: block until SIGTERM or SIGINT.
 //!
 //! ```text
@@ -38,10 +40,12 @@
 #![warn(missing_docs)]
 
 mod handler;
+mod metrics;
 mod server;
 mod signals;
 mod socket;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -51,6 +55,7 @@ use thinpool_nbd::{NbdConfig, NbdServer};
 
 pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
 
+use crate::metrics::MetricsServer;
 use crate::server::ControlServer;
 
 /// Errors of the daemon. Messages say what and where; the engine's error is the source.
@@ -121,6 +126,25 @@ pub enum Error {
     /// Installing the signal handlers failed.
     #[error("installing the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
+    /// The metrics address is not a loopback address.
+    #[error(
+        "metrics address {addr} is not loopback: the metrics endpoint has no authentication and \
+         exposes the pool's usage and volume names; bind a loopback address (127.0.0.1 or [::1]) \
+         and let a proxy or an agent on this host export it"
+    )]
+    MetricsNotLoopback {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The metrics endpoint could not listen.
+    #[error("serving metrics on {addr}")]
+    MetricsBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A thread could not be started.
     #[error("starting the {what} thread")]
     Thread {
@@ -146,6 +170,9 @@ pub struct DaemonOptions {
     /// Create the pool with this configuration when the root has none yet (no `pool/`
     /// folder). A root whose `pool/` lacks a file is an error, never re-created.
     pub create: Option<PoolConfig>,
+    /// Serve `GET /metrics` (OpenMetrics text) on this TCP address; loopback only, port 0
+    /// picks a free port ([`Daemon::metrics_addr`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running daemon: the open pool and its control server. Dropping it stops it as
@@ -158,6 +185,7 @@ pub struct Daemon {
     /// `Some` until stopped.
     server: Option<ControlServer>,
     nbd: Option<NbdServer>,
+    metrics: Option<MetricsServer>,
 }
 
 impl Daemon {
@@ -170,6 +198,10 @@ impl Daemon {
     /// [`Error::NotASocket`] when something else sits at the socket's path. A stale socket
     /// (nobody answers on it) is replaced.
     pub fn start(root: &Path, opts: DaemonOptions) -> Result<Daemon> {
+        if let Some(addr) = opts.metrics {
+            // Before anything is opened or created.
+            metrics::check_loopback(addr)?;
+        }
         let socket_path = thinpool_control::socket_path(root);
         if let Some(cfg) = &opts.create
             && !root.join("pool").exists()
@@ -248,10 +280,14 @@ impl Daemon {
             pool: Some(pool),
             server: Some(server),
             nbd: None,
+            metrics: None,
         };
         if let Some(cfg) = &opts.nbd {
             // On failure, dropping the daemon stops the control server and closes the pool.
             daemon.nbd = Some(NbdServer::start(daemon.pool(), cfg)?);
+        }
+        if let Some(addr) = opts.metrics {
+            daemon.metrics = Some(MetricsServer::start(daemon.pool(), addr)?);
         }
         tracing::info!(
             root = %root.display(),
@@ -272,6 +308,12 @@ impl Daemon {
     /// The NBD server, when one was asked for.
     pub fn nbd(&self) -> Option<&NbdServer> {
         self.nbd.as_ref()
+    }
+
+    /// The address the metrics endpoint listens on, when one was asked for (with the real
+    /// port when port 0 was given).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::addr)
     }
 
     /// The pool root.
@@ -297,6 +339,9 @@ impl Daemon {
         // of the pool.
         if let Some(nbd) = self.nbd.take() {
             nbd.stop();
+        }
+        if let Some(metrics) = self.metrics.take() {
+            metrics.stop();
         }
         if let Some(server) = self.server.take() {
             server.stop();

@@ -36,8 +36,10 @@
 
 mod catalog;
 mod config;
+mod datadev;
 mod pool;
 mod prison;
+mod stats;
 mod volume;
 mod zeroed;
 
@@ -45,7 +47,9 @@ use std::path::PathBuf;
 
 pub use catalog::VolumeKind;
 pub use config::{PoolConfig, PoolOptions};
+pub use datadev::{MoveReport, MoveStage};
 pub use pool::{Pool, PoolMode, PoolStatus, VolumeInfo};
+pub use stats::{COMMIT_BUCKETS_MS, IoOp, OpStats, PoolStats};
 pub use volume::Volume;
 
 /// What kind of failure an [`Error`] is: what callers match on (NBD errno, exit status).

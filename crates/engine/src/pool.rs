@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thinpool_io::{BlockDevice, FileDevice};
@@ -15,7 +15,9 @@ use thinpool_thin::{ThinId, ThinMetadata};
 
 use crate::catalog::{Catalog, Entry, VolumeKind, check_name, now};
 use crate::config::{PoolConfig, PoolOptions};
+use crate::datadev::{DataDev, Dest, MoveReport, MoveStage};
 use crate::prison::Prison;
+use crate::stats::{PoolStats, Stats};
 use crate::volume::Volume;
 use crate::zeroed::ZeroMap;
 use crate::{Error, Result};
@@ -153,7 +155,10 @@ pub(crate) struct VolState {
 
 pub(crate) struct Inner {
     pub root: PathBuf,
+    /// The data device: `datadev`, seen through the trait.
     pub data: Arc<dyn BlockDevice>,
+    /// The data device, switchable online (see `datadev`).
+    datadev: Arc<DataDev>,
     pub meta_dev: Arc<dyn BlockDevice>,
     pub data_path: PathBuf,
     pub metadata_path: PathBuf,
@@ -167,6 +172,8 @@ pub(crate) struct Inner {
     pub prison: Prison,
     /// Mappings inserted so far (a commit re-syncs data if one came in during its sync).
     pub inserts: AtomicU64,
+    /// Request, provisioning and commit counters (see `stats`).
+    pub stats: Stats,
     stop: Mutex<bool>,
     stop_cv: Condvar,
     _lock: File,
@@ -429,9 +436,11 @@ impl Pool {
         } else {
             ZeroMap::unknown()
         };
+        let datadev = Arc::new(DataDev::new(devs.data, block_size));
         let inner = Arc::new(Inner {
             root: root.to_path_buf(),
-            data: devs.data,
+            data: datadev.clone(),
+            datadev,
             meta_dev: devs.meta,
             data_path: devs.data_path,
             metadata_path: devs.metadata_path,
@@ -449,6 +458,7 @@ impl Pool {
             vols: Mutex::new(HashMap::new()),
             prison: Prison::new(),
             inserts: AtomicU64::new(0),
+            stats: Stats::default(),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             _lock: devs.lock,
@@ -495,6 +505,12 @@ impl Pool {
             volumes,
             snapshots,
         })
+    }
+
+    /// Counters of requests, provisioning and commits since the pool was opened. O(1), no
+    /// lock, no I/O (unlike [`status`](Self::status), which commits).
+    pub fn stats(&self) -> PoolStats {
+        self.inner.stats.snapshot()
     }
 
     /// Every volume, sorted by name.
@@ -757,6 +773,68 @@ impl Pool {
         self.inner.commit()
     }
 
+    /// Move the pool's data onto `dest` online: an existing block device, or a file (made,
+    /// sparse, if missing; an existing one must hold no data). `<root>/pool/data` becomes a
+    /// symlink to it. Volumes stay in use throughout: writes are mirrored to both devices
+    /// while the used blocks are copied and verified. Blocks until done (O(used data));
+    /// `progress(done, total)` gets bytes (copy, then verification). Durable when it returns.
+    /// A failure, or a crash at any point, leaves the pool whole on one of the two devices
+    /// (see `datadev`). A default data file in `pool/` is kept as `pool/data.old`
+    /// ([`MoveReport::old_data_kept`]).
+    ///
+    /// Errors: `InvalidArgument` (dest too small, inside the pool's directory, the pool's own
+    /// device, a pool on handed-in devices, a file that holds data), `Busy` (a move is
+    /// running, or the block device is mounted or held), `Io`
+    /// (either device failed, or the copy read back different).
+    pub fn move_data(&self, dest: &Path, progress: &dyn Fn(u64, u64)) -> Result<MoveReport> {
+        crate::datadev::move_data(
+            &self.inner,
+            &self.inner.datadev,
+            Dest::Path(dest),
+            progress,
+            None,
+        )
+    }
+
+    /// [`move_data`](Self::move_data) onto a device handed in, for a pool opened on given
+    /// devices ([`Pool::open_on`]): nothing on disk is switched, the caller opens the pool on
+    /// `dest` from now on.
+    pub fn move_data_on(
+        &self,
+        dest: Arc<dyn BlockDevice>,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<MoveReport> {
+        crate::datadev::move_data(
+            &self.inner,
+            &self.inner.datadev,
+            Dest::Device(dest),
+            progress,
+            None,
+        )
+    }
+
+    /// For tests of interruptions: a move that stops at `stage`, as a crash there would
+    /// leave it (writes keep being mirrored until the pool is dropped).
+    #[doc(hidden)]
+    pub fn move_data_until(
+        &self,
+        dest: &Path,
+        dev: Option<Arc<dyn BlockDevice>>,
+        stage: MoveStage,
+    ) -> Result<MoveReport> {
+        let dest = match dev {
+            Some(d) => Dest::Device(d),
+            None => Dest::Path(dest),
+        };
+        crate::datadev::move_data(
+            &self.inner,
+            &self.inner.datadev,
+            dest,
+            &|_, _| {},
+            Some(stage),
+        )
+    }
+
     /// Take a metadata snapshot for live backups (`meta dump --metadata-snap`).
     pub fn reserve_metadata_snap(&self) -> Result<u64> {
         self.inner.sync_data()?;
@@ -1000,6 +1078,7 @@ impl Inner {
     /// transaction freed (they cannot be reused before this point, and the committed metadata
     /// no longer maps them, so a crash cannot expose the hole).
     pub fn commit(&self) -> Result<()> {
+        let start = Instant::now();
         let before = self.inserts.load(Ordering::SeqCst);
         self.data.sync()?;
         let mut st = self.md();
@@ -1021,6 +1100,7 @@ impl Inner {
             return Err(e.into());
         }
         st.dirty = false;
+        self.stats.commit(start.elapsed());
         for b in freed {
             if st.md.data_block_count(b) == 0 {
                 let bs = self.block_size;

@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::pool::{Inner, MetaState, PoolMode, VolState};
+use crate::stats::IoOp;
 use crate::{Error, Result};
 
 /// A handle for I/O on a volume. Cheap to clone; usable from many threads at once.
@@ -125,6 +126,7 @@ impl Volume {
     /// holes as `(start, len)` inside `buf`, merged and ascending (they read as zeros). An NBD
     /// server answers those parts with hole chunks.
     pub fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<(usize, usize)>> {
+        let _t = self.inner.stats.timer(IoOp::Read, buf.len() as u64);
         self.check_range(offset, buf.len() as u64)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         let bs = self.inner.block_size;
@@ -195,6 +197,7 @@ impl Volume {
 
     /// Write `data` at `offset` (durable after the next flush or commit).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        let _t = self.inner.stats.timer(IoOp::Write, data.len() as u64);
         self.check_range(offset, data.len() as u64)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         for p in pieces(offset, data.len() as u64, self.inner.block_size) {
@@ -206,6 +209,7 @@ impl Volume {
     /// Write `data` at `offset` and make it durable before returning (FUA).
     pub fn write_fua(&self, data: &[u8], offset: u64) -> Result<()> {
         self.write_at(data, offset)?;
+        let _t = self.inner.stats.timer(IoOp::Flush, 0);
         self.inner.commit()
     }
 
@@ -284,6 +288,7 @@ impl Volume {
         }
         st.dirty = true;
         self.inner.inserts.fetch_add(1, Ordering::SeqCst);
+        self.inner.stats.provisioned(old.is_some());
         Ok(())
     }
 
@@ -372,6 +377,7 @@ impl Volume {
     /// Unmap the whole blocks inside `offset..offset+len`; partial blocks are left alone
     /// (as the kernel does). Freed blocks are punched out of the data file at the next commit.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _t = self.inner.stats.timer(IoOp::Discard, len);
         self.check_range(offset, len)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         self.unmap_whole_blocks(offset, len)
@@ -404,6 +410,7 @@ impl Volume {
     /// Make `offset..offset+len` read zeros: whole blocks are unmapped, partial blocks that are
     /// mapped are zero-filled.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _t = self.inner.stats.timer(IoOp::WriteZeroes, len);
         self.check_range(offset, len)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         self.write_zeroes_unquiesced(offset, len)
@@ -424,6 +431,7 @@ impl Volume {
 
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
+        let _t = self.inner.stats.timer(IoOp::Flush, 0);
         self.inner.commit()
     }
 

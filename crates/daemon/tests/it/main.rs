@@ -3,9 +3,12 @@
 //!
 //! - `mirror`: the control crate's copies of the engine's answer types give the same JSON and
 //!   the same kernel status line as the engine's own (the CLI prints either).
+//! - `metrics`: `GET /metrics` over TCP agrees with the I/O done and with the pool's status;
+//!   other paths and non-loopback addresses are refused.
 //! - `server`: starting twice, stale and foreign files at the socket's path, the socket's mode,
 //!   bad requests, concurrent clients, stopping with clients connected.
 
+mod metrics;
 mod mirror;
 mod server;
 

@@ -4,5 +4,7 @@ mod common;
 mod concurrency;
 mod crash;
 mod model;
+mod move_data;
 mod nospace;
+mod stats;
 mod zeroing;
