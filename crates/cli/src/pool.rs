@@ -19,32 +19,51 @@ use crate::size::{human, parse_size, percent};
 /// Metadata blocks are always 4 KiB (dm-thin format).
 const METADATA_BLOCK_SIZE: u64 = 4096;
 
+/// How a new pool is made (shared by `pool create` and `up`).
+#[derive(clap::Args, Default)]
+pub struct CreateArgs {
+    /// Size of the data file (default 100G). Ignored with --data, which keeps its size.
+    /// Sizes are bytes, or a number with a 1024-based unit: K, M, G, T, P (optionally
+    /// followed by iB or B: 10G = 10GiB = 10GB = 10 × 1024³ bytes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub data_size: Option<u64>,
+    /// Size of the metadata file (default 2G; 1024-based units as for --data-size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub metadata_size: Option<u64>,
+    /// Pool block size: the unit of provisioning and copy-on-write (default 64K; a
+    /// multiple of 64K, at most 1G; 1024-based units as for --data-size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Use this existing file or block device for data (`<root>/pool/data` becomes a
+    /// symlink to it).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Use this existing file or block device for metadata (`<root>/pool/metadata`
+    /// becomes a symlink to it).
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
+}
+
+impl CreateArgs {
+    /// The pool configuration: the engine's defaults (100 GiB, 2 GiB, 64 KiB) where a size
+    /// is not given.
+    pub fn config(self) -> PoolConfig {
+        let d = PoolConfig::default();
+        PoolConfig {
+            data_size: self.data_size.unwrap_or(d.data_size),
+            metadata_size: self.metadata_size.unwrap_or(d.metadata_size),
+            block_size: self.block_size.unwrap_or(d.block_size),
+            data_path: self.data,
+            metadata_path: self.metadata,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum PoolCommand {
     /// Create a pool: a sparse data file and a sparse metadata file under the root (or symlinks
     /// to existing files or block devices given with --data / --metadata).
-    Create {
-        /// Size of the data file (default 100G). Ignored with --data, which keeps its size.
-        /// Sizes are bytes, or a number with a 1024-based unit: K, M, G, T, P (optionally
-        /// followed by iB or B: 10G = 10GiB = 10GB = 10 × 1024³ bytes).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        data_size: Option<u64>,
-        /// Size of the metadata file (default 2G; 1024-based units as for --data-size).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        metadata_size: Option<u64>,
-        /// Pool block size: the unit of provisioning and copy-on-write (default 64K; a
-        /// multiple of 64K, at most 1G; 1024-based units as for --data-size).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        block_size: Option<u64>,
-        /// Use this existing file or block device for data (`<root>/pool/data` becomes a
-        /// symlink to it).
-        #[arg(long, value_name = "PATH")]
-        data: Option<PathBuf>,
-        /// Use this existing file or block device for metadata (`<root>/pool/metadata`
-        /// becomes a symlink to it).
-        #[arg(long, value_name = "PATH")]
-        metadata: Option<PathBuf>,
-    },
+    Create(CreateArgs),
     /// Show the pool's usage, block size, devices and mode.
     Status {
         /// Print the status as JSON.
@@ -89,26 +108,8 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
     let at = root.display();
     match cmd {
         PoolCommand::Check => crate::check::run(root),
-        PoolCommand::Create {
-            data_size,
-            metadata_size,
-            block_size,
-            data,
-            metadata,
-        } => {
-            // The engine owns the defaults (100 GiB, 2 GiB, 64 KiB).
-            let mut cfg = PoolConfig::default();
-            if let Some(s) = data_size {
-                cfg.data_size = s;
-            }
-            if let Some(s) = metadata_size {
-                cfg.metadata_size = s;
-            }
-            if let Some(s) = block_size {
-                cfg.block_size = s;
-            }
-            cfg.data_path = data;
-            cfg.metadata_path = metadata;
+        PoolCommand::Create(args) => {
+            let cfg = args.config();
             if let Some(c) = client::daemon(root)? {
                 anyhow::bail!(
                     "creating a pool at {at}: {at} already holds a pool, served by the thinpool \

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use thinpool_daemon::DaemonOptions;
-use thinpool_engine::PoolConfig;
 
 use crate::nbd::ServeArgs;
+use crate::pool::CreateArgs;
 use crate::size::parse_size;
 
 #[derive(clap::Args)]
@@ -21,21 +21,9 @@ pub struct UpArgs {
     /// "127.0.0.1:10809", ...). Default: ROOT/thinpool.toml when it exists.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Size of a new pool's data file (default 100G; only used when the pool is created).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    data_size: Option<u64>,
-    /// Size of a new pool's metadata file (default 2G).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    metadata_size: Option<u64>,
-    /// Block size of a new pool (default 64K).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    block_size: Option<u64>,
-    /// Put a new pool's data on this existing file or block device.
-    #[arg(long, value_name = "PATH")]
-    data: Option<PathBuf>,
-    /// Put a new pool's metadata on this existing file or block device.
-    #[arg(long, value_name = "PATH")]
-    metadata: Option<PathBuf>,
+    /// How the pool is made on first use (ignored once it exists).
+    #[command(flatten)]
+    create: CreateArgs,
     /// When the pool is full, fail writes at once with ENOSPC instead of queueing them for
     /// --no-space-timeout (the kernel's error_if_no_space).
     #[arg(long)]
@@ -111,16 +99,15 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
             (None, None) => Ok(None),
         }
     };
-    let defaults = PoolConfig::default();
-    let create = PoolConfig {
-        data_size: size(a.data_size, "data_size", &fc.data_size)?.unwrap_or(defaults.data_size),
-        metadata_size: size(a.metadata_size, "metadata_size", &fc.metadata_size)?
-            .unwrap_or(defaults.metadata_size),
-        block_size: size(a.block_size, "block_size", &fc.block_size)?
-            .unwrap_or(defaults.block_size),
-        data_path: a.data.or(fc.data),
-        metadata_path: a.metadata.or(fc.metadata),
-    };
+    let c = a.create;
+    let create = CreateArgs {
+        data_size: size(c.data_size, "data_size", &fc.data_size)?,
+        metadata_size: size(c.metadata_size, "metadata_size", &fc.metadata_size)?,
+        block_size: size(c.block_size, "block_size", &fc.block_size)?,
+        data: c.data.or(fc.data),
+        metadata: c.metadata.or(fc.metadata),
+    }
+    .config();
     let s = a.serve;
     let serve = ServeArgs {
         socket: s.socket.or(fc.socket),
