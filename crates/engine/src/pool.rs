@@ -915,14 +915,11 @@ fn entry<'a>(cat: &'a Catalog, name: &str) -> Result<&'a Entry> {
 fn info_of(md: &mut ThinMetadata, e: &Entry) -> Result<VolumeInfo> {
     let id = ThinId::new(e.thin_id as u64)?;
     let d = md.device_details(id)?;
-    let mut highest = None;
-    if d.mapped_blocks > 0 {
-        // The last key: walk from an estimate upwards is not possible backwards, so scan.
-        md.mappings(id, 0, &mut |v, _, _| {
-            highest = Some(v);
-            true
-        })?;
-    }
+    let highest = if d.mapped_blocks > 0 {
+        md.highest_mapped_block(id)?
+    } else {
+        None
+    };
     Ok(VolumeInfo {
         name: e.name.clone(),
         thin_id: e.thin_id,

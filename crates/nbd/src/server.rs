@@ -20,7 +20,7 @@ use crate::transmit::{Conn, WORKERS};
 use crate::{Error, NbdConfig};
 
 /// A client has this long to finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// State shared by the listeners and connections.
 pub(crate) struct Shared {

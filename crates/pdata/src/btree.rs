@@ -151,6 +151,27 @@ fn lookup_with<T>(
     ))
 }
 
+/// The largest key in the tree (down the last child of every node: one node per level), or
+/// `None` for an empty tree.
+pub fn last_key(tx: &mut dyn NodeSource, root: u64, value_size: usize) -> Result<Option<u64>> {
+    let mut b = root;
+    for _depth in 0..64 {
+        let blk = tx.read_node(b, value_size)?;
+        let n = NodeRef(&blk[..]);
+        let Some(i) = n.nr_entries().checked_sub(1) else {
+            return Ok(None);
+        };
+        if n.is_leaf() {
+            return Ok(Some(n.key(i)));
+        }
+        b = n.value_u64(i);
+    }
+    Err(bad_tree(
+        root,
+        "tree deeper than 64 levels (a cycle?)".into(),
+    ))
+}
+
 /// Visit every `(key, value)` in key order; the visitor returns `false` to stop.
 pub fn walk(
     tx: &mut dyn NodeSource,

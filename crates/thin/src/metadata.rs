@@ -624,6 +624,12 @@ impl ThinMetadata {
         Ok(())
     }
 
+    /// The highest mapped virtual block of a device (one node per tree level), or `None`.
+    pub fn highest_mapped_block(&mut self, id: ThinId) -> Result<Option<u64>> {
+        let root = self.device_root(id)?;
+        Ok(btree::last_key(&mut self.tx, root, 8)?)
+    }
+
     /// Compare-and-swap the pool transaction id (`set_transaction_id`).
     pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
         if self.sb.trans_id != old {

@@ -182,3 +182,59 @@ fn find_block_follows_every_change_to_a_device() {
     let mut md = ThinMetadata::open(m.dev()).unwrap();
     assert_eq!(find(&mut md, t2, 9), Some((first[9], true)));
 }
+
+/// `highest_mapped_block` (down the last child of each level) agrees with a full scan while
+/// keys are inserted in random order and removed, the maximum included, across tree levels.
+#[test]
+fn highest_mapped_block_matches_a_full_scan() {
+    let m = TempMeta::new(16 << 20);
+    let mut md = ThinMetadata::format(m.dev(), 128, 200_000).unwrap();
+    let t = ThinId::new(3).unwrap();
+    md.create_thin(t).unwrap();
+    let scan = |md: &mut ThinMetadata| {
+        let mut last = None;
+        md.mappings(t, 0, &mut |v, _, _| {
+            last = Some(v);
+            true
+        })
+        .unwrap();
+        last
+    };
+    assert_eq!(md.highest_mapped_block(t).unwrap(), None);
+    // A simple LCG: deterministic, spread keys over 0..1M.
+    let mut x: u64 = 12345;
+    let mut keys = Vec::new();
+    for i in 0..30_000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v = (x >> 20) % 1_000_000;
+        let b = md.alloc_data_block().unwrap().unwrap();
+        md.insert_block(t, v, b).unwrap();
+        keys.push(v);
+        if i % 997 == 0 {
+            assert_eq!(
+                md.highest_mapped_block(t).unwrap(),
+                scan(&mut md),
+                "after {i} inserts"
+            );
+        }
+    }
+    md.commit().unwrap();
+    assert_eq!(md.highest_mapped_block(t).unwrap(), scan(&mut md));
+    keys.sort_unstable();
+    keys.dedup();
+    // Remove from the top: the answer must follow the new maximum each time.
+    for &v in keys.iter().rev().take(300) {
+        md.remove_block(t, v).unwrap();
+        assert_eq!(
+            md.highest_mapped_block(t).unwrap(),
+            scan(&mut md),
+            "after removing {v}"
+        );
+    }
+    for &v in keys.iter() {
+        md.remove_block(t, v).unwrap();
+    }
+    assert_eq!(md.highest_mapped_block(t).unwrap(), None);
+}
