@@ -95,7 +95,11 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // The daemon logs what it does (connections, commits of note, stop) by default; one-shot
+    // commands only warn.
+    let serving = matches!(cli.command, Command::Up(_) | Command::Nbd(_));
     let level = match cli.verbose {
+        0 if serving => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -108,6 +112,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs piped to a file or journald stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let root = cli.root.unwrap_or_else(thinpool_engine::default_root);
     let code = match cli.command {
