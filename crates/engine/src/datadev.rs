@@ -309,34 +309,11 @@ fn copy_across(
         from.read_at(chunk, offset + done)?;
         if sparse {
             to.punch_hole(offset + done, n as u64)?;
-            write_nonzero(to, chunk, offset + done)?;
+            thinpool_io::write_nonzero(to, chunk, offset + done)?;
         } else {
             to.write_at(chunk, offset + done)?;
         }
         done += n as u64;
-    }
-    Ok(())
-}
-
-/// Write the runs of 4 KiB pieces of `chunk` that are not all zeros (the rest of the range
-/// reads zeros already).
-fn write_nonzero(to: &dyn BlockDevice, chunk: &[u8], offset: u64) -> thinpool_io::Result<()> {
-    const PIECE: usize = 4096;
-    let n = chunk.len();
-    let nonzero = |at: usize| chunk[at..(at + PIECE).min(n)].iter().any(|&b| b != 0);
-    let mut i = 0;
-    while i < n {
-        if !nonzero(i) {
-            i += PIECE;
-            continue;
-        }
-        let mut j = i + PIECE;
-        while j < n && nonzero(j) {
-            j += PIECE;
-        }
-        let j = j.min(n);
-        to.write_at(&chunk[i..j], offset + i as u64)?;
-        i = j;
     }
     Ok(())
 }

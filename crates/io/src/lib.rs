@@ -121,29 +121,37 @@ pub trait BlockDevice: Send + Sync {
 /// [`BlockDevice::copy_into_zeroed`] through a buffer: reads of at most 64 KiB, writes of the
 /// runs of 4 KiB pieces that are not all zeros.
 pub fn copy_nonzero<D: BlockDevice + ?Sized>(dev: &D, src: u64, dst: u64, len: u64) -> Result<()> {
-    const PIECE: usize = 4096;
     let mut buf = vec![0u8; len.min(1 << 16) as usize];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(buf.len() as u64) as usize;
         let chunk = &mut buf[..n];
         dev.read_at(chunk, src + done)?;
-        let nonzero = |at: usize| chunk[at..(at + PIECE).min(n)].iter().any(|&b| b != 0);
-        let mut i = 0;
-        while i < n {
-            if !nonzero(i) {
-                i += PIECE;
-                continue;
-            }
-            let mut j = i + PIECE;
-            while j < n && nonzero(j) {
-                j += PIECE;
-            }
-            let j = j.min(n);
-            dev.write_at(&chunk[i..j], dst + done + i as u64)?;
-            i = j;
-        }
+        write_nonzero(dev, chunk, dst + done)?;
         done += n as u64;
+    }
+    Ok(())
+}
+
+/// Write `chunk` at `offset` where the range already reads zeros: only the runs of 4 KiB
+/// pieces that are not all zeros are written.
+pub fn write_nonzero<D: BlockDevice + ?Sized>(dev: &D, chunk: &[u8], offset: u64) -> Result<()> {
+    const PIECE: usize = 4096;
+    let n = chunk.len();
+    let nonzero = |at: usize| chunk[at..(at + PIECE).min(n)].iter().any(|&b| b != 0);
+    let mut i = 0;
+    while i < n {
+        if !nonzero(i) {
+            i += PIECE;
+            continue;
+        }
+        let mut j = i + PIECE;
+        while j < n && nonzero(j) {
+            j += PIECE;
+        }
+        let j = j.min(n);
+        dev.write_at(&chunk[i..j], offset + i as u64)?;
+        i = j;
     }
     Ok(())
 }
