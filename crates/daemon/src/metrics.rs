@@ -29,7 +29,6 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use rustix::event::{PollFd, PollFlags, poll};
 use thinpool_engine::{COMMIT_BUCKETS_MS, IoOp, Pool, PoolMode, PoolStats, PoolStatus, VolumeInfo};
 
 use crate::{Error, Result};
@@ -98,22 +97,7 @@ impl MetricsServer {
 }
 
 fn accept_loop(listener: &TcpListener, wake: &UnixStream, pool: &Pool) {
-    loop {
-        let mut fds = [
-            PollFd::new(listener, PollFlags::IN),
-            PollFd::new(wake, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                tracing::error!("metrics server: poll failed, no longer serving: {e}");
-                return;
-            }
-        }
-        if !fds[1].revents().is_empty() {
-            return;
-        }
+    while crate::socket::wait_for_client(listener, wake, "metrics server") {
         match listener.accept() {
             Ok((stream, peer)) => {
                 if let Err(e) = answer(stream, pool) {

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rustix::event::{PollFd, PollFlags, poll};
 use thinpool_control::{
     ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
     write_frame,
@@ -111,22 +110,7 @@ impl ControlServer {
 fn accept_loop(listener: &UnixListener, wake: &UnixStream, shared: &Arc<Shared>) {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut next_id = 0u64;
-    loop {
-        let mut fds = [
-            PollFd::new(listener, PollFlags::IN),
-            PollFd::new(wake, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                tracing::error!("control server: poll failed, no longer serving: {e}");
-                break;
-            }
-        }
-        if !fds[1].revents().is_empty() {
-            break;
-        }
+    while crate::socket::wait_for_client(listener, wake, "control server") {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

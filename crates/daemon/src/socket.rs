@@ -104,6 +104,30 @@ pub(crate) fn remove_if_ours(path: &Path, id: FileId) {
     }
 }
 
+/// Block until `listener` has a connection to accept (`true`) or `wake` becomes readable, the
+/// owner's stop signal (`false`). A failing poll is logged for `server` and ends serving too.
+pub(crate) fn wait_for_client(
+    listener: &impl std::os::fd::AsFd,
+    wake: &std::os::unix::net::UnixStream,
+    server: &str,
+) -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => return fds[1].revents().is_empty(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!("{server}: poll failed, no longer serving: {e}");
+                return false;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
