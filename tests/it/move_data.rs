@@ -117,24 +117,7 @@ fn move_data_online_under_fio() {
 
     // fio writes 256 MiB of random 64 KiB blocks with checksums while the data moves.
     let fio_dir = scratch();
-    let mut fio = tool("fio");
-    fio.current_dir(fio_dir.path())
-        .args([
-            "--name=move",
-            "--ioengine=nbd",
-            &format!("--uri={}", uri(&root, "v")),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=8",
-            "--offset=128M",
-            "--size=256M",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let fio = fio.spawn().expect("start fio");
+    let fio = thinpool_tests::nbd::spawn_fio_verify("move", &uri(&root, "v"), fio_dir.path());
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let out = run_ok(&mut cmd(

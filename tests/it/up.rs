@@ -193,24 +193,7 @@ fn up_create_write_snapshot_grow_while_writing_remove_stop() {
 
     // fio writes 256 MiB of random 64 KiB blocks with checksums into v while the pool grows.
     let fio_dir = scratch();
-    let mut fio = tool("fio");
-    fio.current_dir(fio_dir.path())
-        .args([
-            "--name=grow",
-            "--ioengine=nbd",
-            &format!("--uri={}", up.uri("v")),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=8",
-            "--offset=128M",
-            "--size=256M",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let fio = fio.spawn().expect("start fio");
+    let fio = thinpool_tests::nbd::spawn_fio_verify("grow", &up.uri("v"), fio_dir.path());
     std::thread::sleep(Duration::from_millis(300));
     up.ok(&["pool", "grow", "--data-size", "2G"]);
     let out = fio.wait_with_output().unwrap();

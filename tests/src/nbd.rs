@@ -340,6 +340,30 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// Start fio writing 256 MiB of random 64 KiB blocks at offset 128 MiB of `uri` with crc32c
+/// checksums, verified when the writes end (run in `dir`, which receives fio's files).
+pub fn spawn_fio_verify(name: &str, uri: &str, dir: &Path) -> Child {
+    tool("fio")
+        .current_dir(dir)
+        .args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=8",
+            "--offset=128M",
+            "--size=256M",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fio")
+}
+
 /// `qemu-io -f raw [-r] -c CMD… URI`.
 pub fn qemu_io(uri: &str, read_only: bool, cmds: &[String]) -> Output {
     let mut c = tool("qemu-io");
