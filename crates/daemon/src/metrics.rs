@@ -4,7 +4,7 @@
 //! ```text
 //! accept thread: poll(listener, wake) ──▶ accept ──▶ read the request head (≤ 8 KiB, 5 s)
 //!                        ▲                              │ GET /metrics: status, volumes, stats
-//!   stop(): write wake ──┘                              ▼ one response, then close
+//!   stop(): write wake ──┘                              ▼ one response, FIN, drain, close
 //! ```
 //!
 //! Collect on scrape: each `GET /metrics` reads [`Pool::status`] (which commits, as the kernel
@@ -13,11 +13,16 @@
 //! are answered one at a time on the accept thread: scrapes are rare, and a stalled client
 //! holds it for at most the timeout.
 //!
+//! After the response the server shuts down its sending side and reads whatever the client
+//! still sends until the client closes (for at most [`LINGER`]): closing a socket with unread
+//! input makes the kernel reset the connection, and a reset can destroy the response before
+//! the client reads it. A 431 (a head over the limit) always leaves input unread.
+//!
 //! Only loopback addresses are accepted: the endpoint has no authentication, and it shows the
 //! pool's usage and every volume's name.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,6 +42,10 @@ use crate::{Error, Result};
 const MAX_REQUEST_HEAD: usize = 8 << 10;
 /// How long a client has to send its request head, and to take the response.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection's unread input is drained, at most (see [`close_gently`]).
+const LINGER: Duration = Duration::from_secs(1);
+/// The most unread input drained before closing anyway.
+const LINGER_MAX_BYTES: usize = 1 << 20;
 /// The content type of prometheus-client's text encoding.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -99,18 +108,17 @@ impl MetricsServer {
 fn accept_loop(listener: &TcpListener, wake: &UnixStream, pool: &Pool) {
     while crate::socket::wait_for_client(listener, wake, "metrics server") {
         match listener.accept() {
-            Ok((stream, peer)) => {
-                if let Err(e) = answer(stream, pool) {
-                    tracing::debug!(%peer, "metrics request: {e}");
-                }
-            }
+            Ok((mut stream, peer)) => match answer(&mut stream, pool) {
+                Ok(()) => close_gently(&stream),
+                Err(e) => tracing::debug!(%peer, "metrics request: {e}"),
+            },
             Err(e) => tracing::warn!("metrics server: accept failed: {e}"),
         }
     }
 }
 
-/// Read one request head, write one response; the connection closes when `stream` drops.
-fn answer(mut stream: TcpStream, pool: &Pool) -> std::io::Result<()> {
+/// Read one request head, write one response.
+fn answer(stream: &mut TcpStream, pool: &Pool) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let deadline = Instant::now() + IO_TIMEOUT;
@@ -118,10 +126,10 @@ fn answer(mut stream: TcpStream, pool: &Pool) -> std::io::Result<()> {
     let mut chunk = [0u8; 1024];
     while !head_complete(&head) {
         if head.len() >= MAX_REQUEST_HEAD {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "", b"");
+            return respond(stream, "431 Request Header Fields Too Large", "", b"");
         }
         if Instant::now() >= deadline {
-            return respond(&mut stream, "408 Request Timeout", "", b"");
+            return respond(stream, "408 Request Timeout", "", b"");
         }
         let room = (MAX_REQUEST_HEAD - head.len()).min(chunk.len());
         match stream.read(&mut chunk[..room]) {
@@ -137,22 +145,22 @@ fn answer(mut stream: TcpStream, pool: &Pool) -> std::io::Result<()> {
     let (Some(method), Some(target), Some(version), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
-        return respond(&mut stream, "400 Bad Request", "", b"");
+        return respond(stream, "400 Bad Request", "", b"");
     };
     if !version.starts_with("HTTP/1.") {
-        return respond(&mut stream, "400 Bad Request", "", b"");
+        return respond(stream, "400 Bad Request", "", b"");
     }
     let path = target.split('?').next().unwrap_or_default();
     if path != "/metrics" {
         return respond(
-            &mut stream,
+            stream,
             "404 Not Found",
             "text/plain; charset=utf-8",
             b"not found: metrics are at /metrics\n",
         );
     }
     if method != "GET" && method != "HEAD" {
-        return respond(&mut stream, "405 Method Not Allowed", "", b"");
+        return respond(stream, "405 Method Not Allowed", "", b"");
     }
     let (status, content_type, body) = match render(pool) {
         Ok(text) => ("200 OK", CONTENT_TYPE, text),
@@ -166,7 +174,32 @@ fn answer(mut stream: TcpStream, pool: &Pool) -> std::io::Result<()> {
         }
     };
     let body = if method == "HEAD" { "" } else { body.as_str() };
-    respond(&mut stream, status, content_type, body.as_bytes())
+    respond(stream, status, content_type, body.as_bytes())
+}
+
+/// End a connection whose response is written: FIN, then read and drop what the client still
+/// sends until it closes, for at most [`LINGER`] and [`LINGER_MAX_BYTES`], so that the close
+/// does not turn into a reset that destroys the response (see the module doc).
+fn close_gently(stream: &TcpStream) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut input: &TcpStream = stream;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_MAX_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match input.read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Has the blank line that ends a request head arrived? (Bare `\n` line ends are accepted.)
