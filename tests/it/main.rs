@@ -16,6 +16,7 @@
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
 //! - `up`: `thinpool up` as a user drives it (NBD writes, snapshots, growing under fio, JSON
 //!   numbers, SIGTERM, thin_check) and its bad inputs.
+//! - `vectors`: the committed dm-thin test vectors are what `testdata/dm-thin/README.md` says.
 
 mod cli_info;
 mod cli_pool;
@@ -27,3 +28,4 @@ mod move_data;
 mod nbd;
 mod oracle;
 mod up;
+mod vectors;

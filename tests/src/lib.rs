@@ -7,8 +7,9 @@
 //!
 //! - [`thinpool_bin`] finds the binary next to the test executable and (re)builds it with
 //!   `cargo build -p thinpool` once per test process, so `cargo test --workspace` is enough.
-//! - [`require_tool`]: a missing oracle fails under `CI=true` and skips loudly elsewhere.
-//! - [`vector`] / [`vector_xml`]: the committed test vectors in `../shared/testdata/dm-thin/`.
+//! - [`require_tool`], [`skip_or_fail`], [`tool`] (from `thinpool-testkit`, the one skip policy of
+//!   every test crate): a missing oracle fails under CI and skips loudly elsewhere.
+//! - [`vector`] / [`vector_xml`]: the dm-thin test vectors in the repository's `testdata/dm-thin/`.
 //! - [`run`], [`run_ok`], [`stdout_of`]: run a command, show its stderr when it fails.
 //! - [`pool`]: an in-memory model of a pool as `thin_dump` prints it, with a random generator.
 //! - [`kernel`]: boot the kernel on a pool and read blocks back.
@@ -16,26 +17,20 @@
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub use tempfile::{TempDir, TempPath};
+pub use thinpool_testkit::{
+    VECTORS, in_ci, require_tool, require_tools, skip_or_fail, testdata_dir, tool,
+    vector_file as vector, vector_xml, which,
+};
 
 pub mod kernel;
 pub mod nbd;
 pub mod pool;
-
-/// The committed dm-thin test vectors (`../shared/testdata/dm-thin/NAME.meta.gz` and `NAME.xml`).
-pub const VECTORS: [&str; 6] = [
-    "empty",
-    "one-thin",
-    "snapshots",
-    "many-devices",
-    "metadata-snap",
-    "shared-root",
-];
 
 /// The workspace root (the folder holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
@@ -50,22 +45,9 @@ pub fn shared_dir() -> PathBuf {
     workspace_root().join("..").join("shared")
 }
 
-/// `../shared/testdata/dm-thin`.
-pub fn testdata_dir() -> PathBuf {
-    shared_dir().join("testdata").join("dm-thin")
-}
-
 /// The guest scripts of the kernel tests (`tests/kernel/`).
 pub fn kernel_scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel")
-}
-
-/// True when running under CI (`CI` set to anything but empty, `0` or `false`).
-pub fn in_ci() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
-        Err(_) => false,
-    }
 }
 
 fn test_name() -> String {
@@ -73,58 +55,6 @@ fn test_name() -> String {
         .name()
         .unwrap_or("<unnamed test>")
         .to_string()
-}
-
-/// A required oracle is missing: panic under `CI=true`, otherwise print a loud SKIP line to
-/// stderr. Always returns `false` (the caller returns early from its test).
-pub fn skip_or_fail(what: &str) -> bool {
-    if in_ci() {
-        panic!("{what} (CI=true: a missing oracle is a failure)");
-    }
-    eprintln!(
-        "\n**** SKIP {}: {what} (this would fail under CI=true) ****\n",
-        test_name()
-    );
-    false
-}
-
-/// Find an executable on `PATH`, also looking in `/usr/sbin` and `/sbin` (where
-/// thin-provisioning-tools live, often not on a normal user's `PATH`).
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let extra = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
-    std::env::split_paths(&path)
-        .chain(extra)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt as _;
-    p.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// True if the oracle `name` (e.g. `thin_dump`) can be run. If it cannot: panics under
-/// `CI=true`, otherwise prints a loud SKIP line to stderr and returns false.
-pub fn require_tool(name: &str) -> bool {
-    if which(name).is_some() {
-        return true;
-    }
-    skip_or_fail(&format!(
-        "oracle `{name}` not found (apt-get install thin-provisioning-tools e2fsprogs)"
-    ))
-}
-
-/// [`require_tool`] for several tools at once.
-pub fn require_tools(names: &[&str]) -> bool {
-    names.iter().all(|n| require_tool(n))
-}
-
-/// A command for the oracle `name`, resolved with [`which`].
-pub fn tool(name: &str) -> Command {
-    Command::new(which(name).unwrap_or_else(|| PathBuf::from(name)))
 }
 
 /// The `thinpool` binary of this build.
@@ -156,7 +86,7 @@ pub fn thinpool_bin() -> PathBuf {
             build_thinpool(&profile_dir);
         }
         assert!(
-            is_executable(&bin),
+            bin.is_file(),
             "{} not found: run `cargo build -p thinpool` with the same profile as the tests, \
              or set THINPOOL_BIN",
             bin.display()
@@ -326,34 +256,6 @@ pub fn zeroed_temp(size: u64) -> TempPath {
         .expect("create a temporary file");
     f.as_file().set_len(size).expect("size the temporary file");
     f.into_temp_path()
-}
-
-/// `../shared/testdata/dm-thin/NAME.meta.gz`, unpacked into a fresh temporary file (the tools need
-/// a seekable file of the full size). The file is deleted when the returned path is dropped; it
-/// derefs to `&Path` and can be passed to `Command::arg` directly.
-pub fn vector(name: &str) -> TempPath {
-    let gz = testdata_dir().join(format!("{name}.meta.gz"));
-    let file = std::fs::File::open(&gz).unwrap_or_else(|e| {
-        panic!("open test vector {}: {e}", gz.display());
-    });
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut bytes)
-        .unwrap_or_else(|e| panic!("gunzip {}: {e}", gz.display()));
-    let mut f = tempfile::Builder::new()
-        .prefix(&format!("thinpool-test.{name}."))
-        .suffix(".meta")
-        .tempfile()
-        .expect("create a temporary file");
-    f.write_all(&bytes).expect("write the unpacked vector");
-    f.as_file().sync_all().expect("sync the unpacked vector");
-    f.into_temp_path()
-}
-
-/// `../shared/testdata/dm-thin/NAME.xml`: exactly what `thin_dump` prints for the vector.
-pub fn vector_xml(name: &str) -> String {
-    let p = testdata_dir().join(format!("{name}.xml"));
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
 /// Size in bytes of a file.

@@ -1774,7 +1774,7 @@ mod tests {
     #[test]
     fn vectors_check_clean() {
         for name in VECTORS {
-            let Some(img) = vector(name) else { return };
+            let img = vector(name);
             let r = run(&img, &CheckOptions::default());
             assert!(r.is_clean(), "{name}: {}", r.render());
             assert_eq!(r.exit_code(), 0);
@@ -1822,9 +1822,7 @@ mod tests {
 
     #[test]
     fn counts_and_shapes_of_the_vectors() {
-        let Some(img) = vector("many-devices") else {
-            return;
-        };
+        let img = vector("many-devices");
         let r = run(&img, &CheckOptions::default());
         assert_eq!(
             (r.nr_devices, r.nr_mappings, r.data_blocks_used),
@@ -1836,14 +1834,10 @@ mod tests {
             "{}",
             r.render()
         );
-        let Some(img) = vector("metadata-snap") else {
-            return;
-        };
+        let img = vector("metadata-snap");
         let r = run(&img, &CheckOptions::default());
         assert_eq!((r.nr_devices, r.data_blocks_used), (3, 28));
-        let Some(img) = vector("shared-root") else {
-            return;
-        };
+        let img = vector("shared-root");
         let r = run(&img, &CheckOptions::default());
         assert_eq!(
             (r.nr_devices, r.nr_mappings, r.data_blocks_used),
@@ -1856,7 +1850,7 @@ mod tests {
     #[test]
     fn checksum_damage_is_named() {
         for name in VECTORS {
-            let Some(img) = vector(name) else { return };
+            let img = vector(name);
             let per_role = if name == "many-devices" {
                 12
             } else {
@@ -1886,7 +1880,7 @@ mod tests {
     fn structural_damage_is_found() {
         let oracle = have("thin_check");
         for name in VECTORS {
-            let Some(img) = vector(name) else { return };
+            let img = vector(name);
             let per_role = if name == "many-devices" {
                 6
             } else {
@@ -1930,7 +1924,7 @@ mod tests {
         let mut disagreements = Vec::new();
         let mut extra = Vec::new();
         for name in VECTORS {
-            let Some(img) = vector(name) else { return };
+            let img = vector(name);
             let per_role = if name == "many-devices" {
                 3
             } else {
@@ -2106,9 +2100,7 @@ mod tests {
     /// exit status 1, or 0 with `ignore_non_fatal`. A count too low is fatal either way.
     #[test]
     fn leaks_are_non_fatal() {
-        let Some(img) = vector("one-thin") else {
-            return;
-        };
+        let img = vector("one-thin");
         // Metadata bitmap (block 3): mark free block 800 as used.
         let mut blk = block_of(&img, 3);
         blk[16 + 200] ^= 2;
@@ -2145,9 +2137,7 @@ mod tests {
     /// Garbage node headers (huge counts, odd sizes) must not panic.
     #[test]
     fn garbage_headers_do_not_panic() {
-        let Some(img) = vector("snapshots") else {
-            return;
-        };
+        let img = vector("snapshots");
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         for (b, code) in roles(&img) {
             if kind(code) != BlockKind::Node {
@@ -2175,9 +2165,7 @@ mod tests {
 
     #[test]
     fn cycles_and_shared_roles_terminate() {
-        let Some(img) = vector("many-devices") else {
-            return;
-        };
+        let img = vector("many-devices");
         // Device 0's bottom tree: root internal node over internal nodes over leaves. Point a
         // child of the root back at the root.
         let rs = roles(&img);

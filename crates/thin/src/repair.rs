@@ -850,7 +850,7 @@ mod tests {
     #[test]
     fn salvage_of_intact_vectors_is_the_dump() {
         for name in VECTORS {
-            let Some(img) = vector(name) else { return };
+            let img = vector(name);
             let (evs, rep) = salvaged(&img, &SalvageOptions::default());
             assert_eq!(evs, dumped(&img), "{name}");
             assert!(
@@ -862,9 +862,7 @@ mod tests {
 
     #[test]
     fn damaged_bottom_leaf_loses_only_its_device() {
-        let Some(mut img) = vector("many-devices") else {
-            return;
-        };
+        let mut img = vector("many-devices");
         let want = dumped(&img);
         // Device 14's bottom tree is a single leaf: find it through the top level.
         let mut r = Reader::new(mem(img.clone())).unwrap();
@@ -883,7 +881,7 @@ mod tests {
         );
         // Device 0's three-level tree: damage one of its leaves deep down, re-stamped so only
         // the key order is wrong.
-        let mut img2 = vector("many-devices").unwrap();
+        let mut img2 = vector("many-devices");
         let root0 = top[&0];
         let n = r.node(root0, "x").unwrap();
         let mid = NodeRef(&n[..]).value_u64(1);
@@ -901,7 +899,7 @@ mod tests {
     #[test]
     fn bad_superblock_checksum_recovers_every_device_by_scanning() {
         for name in VECTORS {
-            let Some(mut img) = vector(name) else { return };
+            let mut img = vector(name);
             let want = dumped(&img);
             block_mut(&mut img, 0)[0x2c + 300] ^= 1;
             let (evs, rep) = salvaged(&img, &SalvageOptions::default());
@@ -913,7 +911,7 @@ mod tests {
     #[test]
     fn wiped_superblock_needs_the_fields_then_recovers_the_devices() {
         for name in VECTORS {
-            let Some(mut img) = vector(name) else { return };
+            let mut img = vector(name);
             let want = dumped(&img);
             let Some(Ev::Sb(sb)) = want.first().cloned() else {
                 panic!()
@@ -952,9 +950,7 @@ mod tests {
 
     #[test]
     fn damaged_details_and_top_level_trees_come_from_the_scan() {
-        let Some(img) = vector("many-devices") else {
-            return;
-        };
+        let img = vector("many-devices");
         let want = dumped(&img);
         let mut r = Reader::new(mem(img.clone())).unwrap();
         let sb = r.superblock().unwrap();
@@ -970,7 +966,7 @@ mod tests {
     #[test]
     fn repair_writes_a_pool_that_dumps_the_same() {
         for name in ["one-thin", "snapshots", "shared-root"] {
-            let Some(mut img) = vector(name) else { return };
+            let mut img = vector(name);
             let want = dumped(&img);
             block_mut(&mut img, 0)[0x2c + 300] ^= 1;
             let out = Arc::new(thinpool_io::MemDevice::new(img.len() as u64));

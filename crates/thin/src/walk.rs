@@ -371,53 +371,20 @@ pub(crate) fn bitmap_entry(blk: &[u8], e: usize) -> u8 {
 
 const _: () = assert!(BLOCK_SIZE == 16 + 16320 / 4);
 
-/// Helpers for the unit tests of the read-only tools: the test vectors of
-/// `../shared/testdata/dm-thin/` and the thin-provisioning-tools oracles.
+/// Helpers for the unit tests of the read-only tools: the test vectors of the repository's
+/// `testdata/dm-thin/` and the thin-provisioning-tools oracles (through `thinpool-testkit`, so
+/// a missing oracle fails under CI and skips loudly elsewhere).
 #[cfg(test)]
 pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Output};
+    use std::process::Output;
     use std::sync::Arc;
 
     use thinpool_io::{BlockDevice, MemDevice};
-
-    /// The six vectors.
-    pub(crate) const VECTORS: [&str; 6] = [
-        "empty",
-        "one-thin",
-        "snapshots",
-        "many-devices",
-        "metadata-snap",
-        "shared-root",
-    ];
-
-    /// The folder of the test vectors.
-    pub(crate) fn testdata() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/dm-thin")
-    }
-
-    fn missing(what: &str) -> Option<Vec<u8>> {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{what} is missing");
-        }
-        eprintln!("SKIPPED: {what} is missing");
-        None
-    }
-
-    /// The unpacked image of vector `name` (None, loudly, when `gunzip` or the file is
-    /// missing outside CI).
-    pub(crate) fn vector(name: &str) -> Option<Vec<u8>> {
-        let path = testdata().join(format!("{name}.meta.gz"));
-        match Command::new("gunzip").arg("-c").arg(&path).output() {
-            Ok(o) if o.status.success() => Some(o.stdout),
-            _ => missing(&format!("gunzip or {}", path.display())),
-        }
-    }
+    pub(crate) use thinpool_testkit::{VECTORS, require_tool as have, vector_bytes as vector};
 
     /// The `thin_dump` XML of vector `name`.
     pub(crate) fn vector_xml(name: &str) -> Vec<u8> {
-        let p = testdata().join(format!("{name}.xml"));
-        std::fs::read(&p).unwrap_or_else(|e| panic!("test vector {}: {e}", p.display()))
+        thinpool_testkit::vector_xml(name).into_bytes()
     }
 
     /// An in-memory device holding `bytes`.
@@ -425,21 +392,12 @@ pub(crate) mod testutil {
         Arc::new(MemDevice::from_bytes(bytes))
     }
 
-    /// Is the thin-provisioning-tools program `prog` installed? (Loud when not.)
-    pub(crate) fn have(prog: &str) -> bool {
-        let ok = Command::new(prog).arg("-V").output().is_ok();
-        if !ok {
-            let _ = missing(prog);
-        }
-        ok
-    }
-
     /// Run `prog args.. FILE` on `image` written to a temporary file.
     pub(crate) fn run_on(prog: &str, args: &[&str], image: &[u8]) -> Output {
         let dir = tempfile::tempdir().expect("temp dir");
         let f = dir.path().join("meta");
         std::fs::write(&f, image).expect("write image");
-        Command::new(prog)
+        thinpool_testkit::tool(prog)
             .args(args)
             .arg(&f)
             .output()
@@ -455,7 +413,7 @@ pub(crate) mod testutil {
         std::fs::File::create(&f)
             .and_then(|h| h.set_len(size))
             .expect("create image");
-        let o = Command::new("thin_restore")
+        let o = thinpool_testkit::tool("thin_restore")
             .arg("-i")
             .arg(&x)
             .arg("-o")

@@ -2,7 +2,6 @@
 //! byte patterns, the oracles (`thin_check`, our own check) and small pool set-ups.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use thinpool_engine::{ErrorKind, PoolConfig};
@@ -30,38 +29,7 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
-/// Is `tool` on PATH? Under CI=true a missing oracle fails the test; elsewhere it skips loudly.
-pub fn have_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is required under CI=true but is not installed");
-        }
-        eprintln!("SKIP: {tool} not installed; its oracle checks are skipped");
-    }
-    found
-}
-
-/// `thin_check` of a metadata file: Ok, or Err with its output.
-pub fn thin_check(path: &Path) -> Result<(), String> {
-    let o = Command::new("thin_check").arg(path).output().unwrap();
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "thin_check {} failed ({}):\n{}{}",
-            path.display(),
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ))
-    }
-}
+pub use thinpool_testkit::{require_tool as have_tool, thin_check};
 
 /// Our own checker on a metadata device: Ok, or Err with its rendered report.
 pub fn our_check(dev: Arc<dyn BlockDevice>) -> Result<(), String> {

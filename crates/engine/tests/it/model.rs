@@ -894,7 +894,7 @@ impl Case {
             // The held snapshot's trees too (`thin_check -m`, and ours).
             let meta = self.root.join("pool").join("metadata");
             if self.oracle {
-                let o = std::process::Command::new("thin_check")
+                let o = thinpool_testkit::tool("thin_check")
                     .arg("-m")
                     .arg(&meta)
                     .output()

@@ -1,27 +1,11 @@
 //! Helpers: temp metadata files and the real tools.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use thinpool_io::{BlockDevice, FileDevice};
 
-/// Is `tool` on PATH? Under CI=true a missing oracle fails the test; elsewhere it skips loudly.
-pub fn have_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is required under CI=true but is not installed");
-        }
-        eprintln!("SKIP: {tool} not installed; oracle comparison skipped");
-    }
-    found
-}
+pub use thinpool_testkit::{require_tool as have_tool, thin_dump};
 
 /// A temp dir holding one metadata file of `size` bytes.
 pub struct TempMeta {
@@ -41,30 +25,10 @@ impl TempMeta {
     }
 }
 
-/// Run thin_check on a file; returns (success, combined output).
+/// Run thin_check on a file; returns (success, its error output when it failed).
 pub fn thin_check(path: &Path) -> (bool, String) {
-    let o = Command::new("thin_check").arg(path).output().unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
-/// thin_dump output of a file.
-pub fn thin_dump(path: &Path, extra: &[&str]) -> String {
-    let o = Command::new("thin_dump")
-        .args(extra)
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "thin_dump failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    match thinpool_testkit::thin_check(path) {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, e),
+    }
 }

@@ -55,31 +55,10 @@ fn read_all(dev: Arc<dyn BlockDevice>) -> thinpool_thin::Result<u64> {
     Ok(n)
 }
 
-fn vector_bytes(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../../../shared/testdata/dm-thin/{name}.meta.gz",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let out = std::process::Command::new("gunzip")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "gunzip {path}");
-    out.stdout
-}
-
 #[test]
 fn flipped_bytes_in_every_used_block_are_named() {
-    for name in [
-        "empty",
-        "one-thin",
-        "snapshots",
-        "many-devices",
-        "metadata-snap",
-        "shared-root",
-    ] {
-        let bytes = vector_bytes(name);
+    for name in thinpool_testkit::VECTORS {
+        let bytes = thinpool_testkit::vector_bytes(name);
         let rec = Arc::new(Recording {
             inner: MemDevice::from_bytes(bytes.clone()),
             reads: Mutex::new(Default::default()),
