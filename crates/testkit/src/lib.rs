@@ -7,7 +7,8 @@
 //!   ([`in_ci`]: `CI` set to anything but empty, `0`, `false` or `no`) and elsewhere prints a loud
 //!   `SKIP` line and returns early. Programs are looked for on `PATH` and in the `sbin` folders
 //!   (thin-provisioning-tools live in `/usr/sbin`, often not on a normal user's `PATH`); run them
-//!   with [`tool`], which uses the path found.
+//!   with [`tool`], which uses the path found. With `THINPOOL_SKIP_LOG=FILE` every skip is
+//!   also appended to FILE as one line (CI lists them; a passing test's stderr is captured).
 //! - **The dm-thin test vectors** live in the repository (`testdata/dm-thin/`, see its README):
 //!   [`vector_bytes`], [`vector_file`], [`vector_xml`]. They are always there in a checkout, so a
 //!   missing vector is a broken checkout and panics, whatever `CI` says.
@@ -51,11 +52,26 @@ pub fn skip_or_fail(what: &str) -> bool {
     if in_ci() {
         panic!("{what} (under CI a missing oracle or harness is a failure)");
     }
-    eprintln!(
-        "\n**** SKIP {}: {what} (this would fail under CI=true) ****\n",
-        test_name()
-    );
+    let line = format!("SKIP {}: {what}", test_name());
+    eprintln!("\n**** {line} (this would fail under CI=true) ****\n");
+    record_skip(&line);
     false
+}
+
+/// Append `line` to the file named by `THINPOOL_SKIP_LOG`, if set: the test harness captures
+/// a passing test's stderr, so this is how a CI step lists what was skipped.
+fn record_skip(line: &str) {
+    let Some(path) = std::env::var_os("THINPOOL_SKIP_LOG") else {
+        return;
+    };
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+    if let Err(e) = appended {
+        panic!("THINPOOL_SKIP_LOG={}: {e}", Path::new(&path).display());
+    }
 }
 
 /// Where programs are looked for beyond `PATH`: the `sbin` folders, where Debian puts
