@@ -117,9 +117,9 @@ fn main() {
         .init();
     let root = cli.root.unwrap_or_else(thinpool_engine::default_root);
     let code = match cli.command {
-        Command::Info { json } => {
-            pool::with_daemon_or_pool(&root, |target| info::run(target, &root, json))
-        }
+        Command::Info { json } => pool::with_daemon_or_pool(&root, pool::Access::Look, |target| {
+            info::run(target, &root, json)
+        }),
         Command::Completions { shell } => docs::completions(shell, &mut Cli::command()),
         Command::Man { dir } => docs::man(Cli::command(), dir.as_deref()),
         Command::Pool(cmd) => pool::run(&root, cmd),

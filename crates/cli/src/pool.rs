@@ -133,7 +133,7 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
                 ))
             })
         }
-        PoolCommand::Status { json } => with_daemon_or_pool(root, |pool| {
+        PoolCommand::Status { json } => with_daemon_or_pool(root, Access::Look, |pool| {
             let status = pool
                 .status()
                 .with_context(|| format!("reading the status of the pool at {at}"))?;
@@ -147,7 +147,7 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
         PoolCommand::Grow {
             data_size,
             metadata_size,
-        } => with_daemon_or_pool(root, |pool| {
+        } => with_daemon_or_pool(root, Access::Change, |pool| {
             let before = pool
                 .status()
                 .with_context(|| format!("reading the status of the pool at {at}"))?;
@@ -171,6 +171,7 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
 /// opened for this command (see [`with_pool`]); then print what `f` returned.
 pub fn with_daemon_or_pool(
     root: &Path,
+    access: Access,
     f: impl FnOnce(&mut Target<'_>) -> Result<String>,
 ) -> Result<i32> {
     if let Some(mut daemon) = client::daemon(root)? {
@@ -183,12 +184,16 @@ pub fn with_daemon_or_pool(
         print!("{text}");
         return Ok(0);
     }
-    with_pool(root, |pool| f(&mut Target::Local(pool)))
+    with_pool(root, access, |pool| f(&mut Target::Local(pool)))
 }
 
 /// Open the pool at `root`, run `f` on it, close it, then print what `f` returned.
-pub fn with_pool(root: &Path, f: impl FnOnce(&Pool) -> Result<String>) -> Result<i32> {
-    finish(open(root)?, root, f)
+pub fn with_pool(
+    root: &Path,
+    access: Access,
+    f: impl FnOnce(&Pool) -> Result<String>,
+) -> Result<i32> {
+    finish(open(root, access)?, root, f)
 }
 
 /// Run `f` on `pool` and close the pool whatever happened (the last commit and the lock's
@@ -216,8 +221,22 @@ fn finish(pool: Pool, root: &Path, f: impl FnOnce(&Pool) -> Result<String>) -> R
 
 /// Open the pool at `root` for one command. The engine's errors already say what to do (no
 /// pool there: create one; locked: which process file is held).
-pub fn open(root: &Path) -> Result<Pool> {
-    Pool::open(root, options()).with_context(|| format!("opening the pool at {}", root.display()))
+pub fn open(root: &Path, access: Access) -> Result<Pool> {
+    let opts = PoolOptions {
+        read_only: access == Access::Look,
+        ..options()
+    };
+    Pool::open(root, opts).with_context(|| format!("opening the pool at {}", root.display()))
+}
+
+/// What a one-shot command does to the pool it opens itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Only looks (`status`, `info`, `vol ls`, `vol info`, `vol export`): the pool is opened
+    /// read-only and its files are left byte for byte as they were.
+    Look,
+    /// May change the pool.
+    Change,
 }
 
 /// Engine options for a one-shot command: no commit timer, since every command ends with a
@@ -255,7 +274,7 @@ fn move_data(root: &Path, path: &Path) -> Result<i32> {
         print!("{}", render_moved(root, &moved?));
         return Ok(0);
     }
-    let pool = open(root)?;
+    let pool = open(root, Access::Change)?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(

@@ -17,7 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use thinpool_control::{VolumeInfo, VolumeKind};
 use thinpool_engine::{ErrorKind, Pool, Volume};
 
 use crate::client::{self, Target};
-use crate::pool;
+use crate::pool::{self, Access};
 use crate::size::{human, parse_size, percent};
 
 /// Bytes moved per read/write call in import and export (rounded up to whole pool blocks).
@@ -123,9 +123,19 @@ pub fn run(root: &Path, cmd: VolCommand) -> Result<i32> {
             if let Some(daemon) = client::daemon(root)? {
                 bail!(copy_through_nbd(root, &cmd, daemon.daemon().pid));
             }
-            pool::with_pool(root, |pool| copy(pool, root, cmd))
+            let access = match cmd {
+                VolCommand::Export { .. } => Access::Look,
+                _ => Access::Change,
+            };
+            pool::with_pool(root, access, |pool| copy(pool, root, cmd))
         }
-        cmd => pool::with_daemon_or_pool(root, |target| exec(target, root, cmd)),
+        cmd => {
+            let access = match cmd {
+                VolCommand::Ls { .. } | VolCommand::Info { .. } => Access::Look,
+                _ => Access::Change,
+            };
+            pool::with_daemon_or_pool(root, access, |target| exec(target, root, cmd))
+        }
     }
 }
 
@@ -640,12 +650,18 @@ fn export(pool: &Pool, name: &str, path: &Path) -> Result<CopyStats> {
     let size = vol.size();
     refuse_pool_files(pool, path)?;
     let existed = path.symlink_metadata().is_ok();
+    // A new file is private to its owner (0600 whatever the umask): it holds a volume's bytes.
     let out = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("opening {} for writing", path.display()))?;
+    if !existed {
+        out.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", path.display()))?;
+    }
     let meta = out
         .metadata()
         .with_context(|| format!("reading the attributes of {}", path.display()))?;

@@ -3,18 +3,35 @@
 //!
 //! Written atomically (temp file, fsync, rename, fsync of the directory) and tagged with the
 //! metadata transaction id it describes. Every operation writes the catalog *before* the
-//! metadata commit that makes it real, so that after a crash [`Catalog::reconcile`] can tell an
-//! operation half done and roll it forward or back:
+//! metadata commit that makes it real, so that after a crash the pool's `reconcile` can tell an
+//! operation half done and roll it forward or back.
 //!
-//! - an entry whose thin device is not in the metadata: a create/snapshot that never committed
-//!   → dropped;
+//! **The metadata is the truth for mappings; the catalog is a cache of names and sizes.** It
+//! may be older than the metadata (restored from a backup, or the kernel changed the pool), or
+//! missing. So nothing the catalog says removes a mapping, except a recorded intent:
+//!
 //! - an entry marked `removing`: a removal that may or may not have committed → the device is
 //!   deleted if still there, the entry dropped;
-//! - a thin device with no entry (a pool made by the kernel or another tool) → adopted as
-//!   `thin-<id>`.
+//! - an entry with `shrinking` (the transaction id the shrink was recorded at): a shrink that
+//!   may not have committed → the mappings past the size are removed, the mark cleared.
+//!
+//! Everything else only adds to the catalog or drops entries that own nothing:
+//!
+//! - an entry whose thin device is not in the metadata: a create/snapshot that never committed
+//!   (the catalog is ahead of the metadata's transaction id), or a device deleted outside
+//!   thinpool → dropped;
+//! - an entry whose device maps blocks past its size (the kernel grew the device by reloading
+//!   a longer table, or the catalog is older than a `vol resize`) → the size grows to cover
+//!   them;
+//! - a thin device with no entry (a pool made by the kernel or another tool, or a lost
+//!   catalog) → adopted as `thin-<id>`, sized to cover its highest mapping.
+//!
+//! A catalog that names a volume twice, gives two volumes one thin id, or holds an invalid
+//! name is refused before anything is written.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +60,10 @@ pub(crate) struct Entry {
     pub created: u64,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// A shrink to `size` recorded at this transaction id and maybe not committed yet: the
+    /// mappings past `size` are to be removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shrinking: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,14 +122,31 @@ impl Catalog {
                 message: format!("unknown version {}", file.version),
             });
         }
-        let mut volumes = BTreeMap::new();
+        let mut volumes: BTreeMap<String, Entry> = BTreeMap::new();
+        let mut ids: BTreeMap<u32, String> = BTreeMap::new();
         for e in file.volumes {
-            if volumes.insert(e.name.clone(), e).is_some() {
-                return Err(Error::Catalog {
-                    path,
-                    message: "a volume name appears twice".into(),
-                });
+            let refuse = |message: String| Error::Catalog {
+                path: path.clone(),
+                message,
+            };
+            check_name(&e.name).map_err(|err| refuse(err.to_string()))?;
+            if e.thin_id > thinpool_thin::ThinId::MAX {
+                return Err(refuse(format!(
+                    "volume {}: thin id {} is not below 2^24",
+                    e.name, e.thin_id
+                )));
             }
+            if let Some(other) = ids.insert(e.thin_id, e.name.clone()) {
+                return Err(refuse(format!(
+                    "volumes {other} and {} both claim thin device {}: fix or remove the file \
+                     (the metadata keeps the mappings; a lost catalog only loses names)",
+                    e.name, e.thin_id
+                )));
+            }
+            if volumes.contains_key(&e.name) {
+                return Err(refuse(format!("the volume name {} appears twice", e.name)));
+            }
+            volumes.insert(e.name.clone(), e);
         }
         Ok(Catalog {
             path,
@@ -132,7 +170,13 @@ impl Catalog {
             path: tmp.clone(),
             source,
         };
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(crate::private::FILE_MODE)
+            .open(&tmp)
+            .map_err(|e| io("creating", e))?;
         f.write_all(&text).map_err(|e| io("writing", e))?;
         f.sync_all().map_err(|e| io("syncing", e))?;
         drop(f);

@@ -50,6 +50,11 @@ pub struct PoolOptions {
     pub commit_interval: Option<Duration>,
     /// Punch holes in the data device for blocks that become free.
     pub discard_passdown: bool,
+    /// Open for reading only: the devices are opened read-only, the catalog is reconciled in
+    /// memory only, and every change is refused, so the pool's files stay byte for byte as
+    /// they were (for commands that only look). A pool whose metadata needs a check opens
+    /// this way whatever this says.
+    pub read_only: bool,
 }
 
 impl Default for PoolOptions {
@@ -62,6 +67,7 @@ impl Default for PoolOptions {
             min_free_percent: 10,
             commit_interval: Some(Duration::from_secs(1)),
             discard_passdown: true,
+            read_only: false,
         }
     }
 }

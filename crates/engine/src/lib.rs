@@ -39,6 +39,7 @@ mod config;
 mod datadev;
 mod pool;
 mod prison;
+mod private;
 mod stats;
 mod volume;
 mod zeroed;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
@@ -17,6 +18,7 @@ use crate::catalog::{Catalog, Entry, VolumeKind, check_name, now};
 use crate::config::{PoolConfig, PoolOptions};
 use crate::datadev::{DataDev, Dest, MoveReport, MoveStage};
 use crate::prison::Prison;
+use crate::private::make_private;
 use crate::stats::{PoolStats, Stats};
 use crate::volume::Volume;
 use crate::zeroed::ZeroMap;
@@ -225,9 +227,23 @@ fn take_lock(root: &Path) -> Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::private::FILE_MODE)
         .open(&path)
         .map_err(file_err("opening lock file", &path))?;
-    match f.try_lock() {
+    // A child process forked by another thread of this process holds a copy of the lock's
+    // open file description from fork until exec (close-on-exec), so a pool just closed here
+    // can look held for a few microseconds: try again briefly before calling it busy.
+    let mut tries = 0;
+    let held = loop {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => break r,
+        }
+    };
+    match held {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(format!(
             "the pool in {} is in use (lock {} is held by another process, or by this one while a pool or volume handle is still open)",
@@ -279,6 +295,7 @@ impl Pool {
         }
         let pool_dir = root.join("pool");
         std::fs::create_dir_all(&pool_dir).map_err(file_err("creating", &pool_dir))?;
+        make_private(root)?;
         let lock = take_lock(root)?;
         let (data_link, meta_link) = (pool_dir.join("data"), pool_dir.join("metadata"));
         if meta_link.symlink_metadata().is_ok() || data_link.symlink_metadata().is_ok() {
@@ -330,6 +347,7 @@ impl Pool {
     ) -> Result<Pool> {
         check_block_size(block_size)?;
         std::fs::create_dir_all(root).map_err(file_err("creating", root))?;
+        make_private(root)?;
         let lock = take_lock(root)?;
         Self::create_inner(root, Devices::given(data, metadata, lock), block_size, opts)
     }
@@ -368,8 +386,16 @@ impl Pool {
             )));
         }
         let lock = take_lock(root)?;
-        let meta: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&meta_link)?);
-        let data: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&data_link)?);
+        make_private(root)?;
+        let open = |p: &Path| {
+            if opts.read_only {
+                FileDevice::open_read_only(p)
+            } else {
+                FileDevice::open(p)
+            }
+        };
+        let meta: Arc<dyn BlockDevice> = Arc::new(open(&meta_link)?);
+        let data: Arc<dyn BlockDevice> = Arc::new(open(&data_link)?);
         let devs = Devices {
             data,
             meta,
@@ -389,6 +415,7 @@ impl Pool {
         opts: PoolOptions,
     ) -> Result<Pool> {
         std::fs::create_dir_all(root).map_err(file_err("creating", root))?;
+        make_private(root)?;
         let lock = take_lock(root)?;
         Self::open_inner(root, Devices::given(data, metadata, lock), opts)
     }
@@ -407,12 +434,21 @@ impl Pool {
                 md.nr_data_blocks()
             )));
         }
-        if dev_blocks > md.nr_data_blocks() && !md.needs_check() {
+        // A pool that needs a check is opened read-only whatever was asked (as the kernel
+        // does), and a read-only open writes nothing at all.
+        let writable = !opts.read_only && !md.needs_check();
+        if dev_blocks > md.nr_data_blocks() && writable {
             // The kernel grows the pool on resume when the data device grew.
             md.resize_data_dev(dev_blocks)?;
         }
         let mut catalog = Catalog::load(root)?;
-        reconcile(&mut md, &mut catalog, block_size, dev_blocks * block_size)?;
+        reconcile(
+            &mut md,
+            &mut catalog,
+            block_size,
+            dev_blocks * block_size,
+            writable,
+        )?;
         tracing::info!(root = %root.display(), transaction_id = md.transaction_id(), "pool opened");
         Ok(Self::start(root, devs, block_size, opts, md, catalog))
     }
@@ -425,6 +461,7 @@ impl Pool {
         md: ThinMetadata,
         catalog: Catalog,
     ) -> Pool {
+        // A read-only open reports the pool's own mode; `md_writable` refuses its changes.
         let mode = if md.needs_check() {
             PoolMode::ReadOnly
         } else {
@@ -597,6 +634,7 @@ impl Pool {
             parent: origin.map(str::to_string),
             created: now(),
             removing: false,
+            shrinking: None,
         };
         // Catalog first (rolled back on open if the metadata commit does not happen).
         cat.volumes.insert(name.to_string(), e.clone());
@@ -654,6 +692,12 @@ impl Pool {
         drop(st);
         self.inner.commit()?;
         cat.volumes.remove(name);
+        // Snapshots of it no longer have a parent (as LVM shows an origin that is gone).
+        for child in cat.volumes.values_mut() {
+            if child.parent.as_deref() == Some(name) {
+                child.parent = None;
+            }
+        }
         cat.save()?;
         self.inner
             .vols
@@ -675,11 +719,20 @@ impl Pool {
         let e = entry(&cat, name)?.clone();
         let vs = self.inner.vol_state(&e);
         let _quiesced = vs.quiesce.write().expect("quiesce lock poisoned");
-        // Catalog first: on reopen, mappings beyond the size are removed (rolled forward).
-        cat.volumes.get_mut(name).expect("looked up above").size = size;
+        let shrink = size < e.size;
+        // Refused on a read-only pool before the catalog changes.
+        let tid = self.inner.md_writable()?.md.transaction_id();
+        // Catalog first. A shrink is recorded as an intent: if the commit below does not
+        // happen, the next open removes the mappings past the size (rolled forward). A grow
+        // needs no intent: the metadata has nothing past the old size.
+        {
+            let c = cat.volumes.get_mut(name).expect("looked up above");
+            c.size = size;
+            c.shrinking = shrink.then_some(tid);
+        }
         cat.save()?;
         vs.size.store(size, Ordering::SeqCst);
-        if size < e.size {
+        if shrink {
             let first = size.div_ceil(self.inner.block_size);
             let mut st = self.inner.md_writable()?;
             let n = st
@@ -698,6 +751,13 @@ impl Pool {
                 v.write_zeroes_unquiesced(size, first * self.inner.block_size - size)?;
             }
             self.inner.commit()?;
+            // Done: the intent is spent (a crash before this save only repeats the removal of
+            // mappings that are already gone).
+            cat.volumes
+                .get_mut(name)
+                .expect("looked up above")
+                .shrinking = None;
+            cat.save()?;
         }
         tracing::info!(volume = name, from = e.size, to = size, "volume resized");
         Ok(())
@@ -715,6 +775,9 @@ impl Pool {
     /// current size, for block devices grown underneath). Shrinking is refused.
     pub fn grow(&self, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<()> {
         let inner = &self.inner;
+        if inner.opts.read_only {
+            return Err(inner.read_only_error());
+        }
         let mut st = inner.md();
         if st.md.needs_check() {
             return Err(Error::ReadOnly(
@@ -932,70 +995,120 @@ fn info_of(md: &mut ThinMetadata, e: &Entry) -> Result<VolumeInfo> {
     })
 }
 
-/// Bring the catalog and the metadata into agreement after open (see `catalog`).
+/// Bring the catalog and the metadata into agreement after open (the rules are in `catalog`):
+/// roll recorded intents forward, drop entries that own no device, grow sizes to cover the
+/// mappings, adopt devices the catalog does not know. Never removes a mapping without a
+/// recorded intent. With `writable` false (a read-only open, or a pool that needs a check) it
+/// changes only the catalog in memory and writes nothing.
 fn reconcile(
     md: &mut ThinMetadata,
     cat: &mut Catalog,
     block_size: u64,
     default_size: u64,
+    writable: bool,
 ) -> Result<()> {
     let devices: Vec<u32> = md.devices()?.iter().map(|(i, _)| i.get()).collect();
+    let md_tid = md.transaction_id();
     let mut changed_md = false;
     let mut changed_cat = false;
+    // Devices whose removal was recorded but is not finished here (read-only): not adopted.
+    let mut being_removed = Vec::new();
     let names: Vec<String> = cat.volumes.keys().cloned().collect();
     for name in names {
-        let e = cat.volumes[&name].clone();
+        let mut e = cat.volumes[&name].clone();
         let present = devices.contains(&e.thin_id);
+        let id = ThinId::new(e.thin_id as u64)?;
         if e.removing {
-            if present {
-                md.delete_thin(ThinId::new(e.thin_id as u64)?)?;
+            if present && writable {
+                md.delete_thin(id)?;
                 changed_md = true;
+            } else if present {
+                being_removed.push(e.thin_id);
             }
             tracing::warn!(volume = %name, "finishing an interrupted removal");
             cat.volumes.remove(&name);
             changed_cat = true;
-        } else if !present {
-            tracing::warn!(volume = %name, "dropping a volume whose creation did not commit");
+            continue;
+        }
+        if !present {
+            if cat.transaction_id > md_tid {
+                tracing::warn!(volume = %name, thin_id = e.thin_id, "dropping a volume whose creation did not commit");
+            } else {
+                tracing::warn!(
+                    volume = %name,
+                    thin_id = e.thin_id,
+                    "thin device {} of volume {name} is not in the metadata (deleted outside thinpool): dropping the volume",
+                    e.thin_id
+                );
+            }
             cat.volumes.remove(&name);
             changed_cat = true;
-        } else {
-            let id = ThinId::new(e.thin_id as u64)?;
-            let first = e.size.div_ceil(block_size);
-            if md.remove_range(id, first, u64::MAX)? > 0 {
-                tracing::warn!(volume = %name, "finishing an interrupted shrink");
-                changed_md = true;
+            continue;
+        }
+        if let Some(since) = e.shrinking {
+            if writable {
+                let n = md.remove_range(id, e.size.div_ceil(block_size), u64::MAX)?;
+                tracing::warn!(volume = %name, since, removed = n, "finishing an interrupted shrink");
+                changed_md |= n > 0;
+                e.shrinking = None;
+            }
+        } else if let Some(high) = md.highest_mapped_block(id)? {
+            // A partial last block is inside the size; a block wholly past it is not.
+            let needed = (high + 1) * block_size;
+            if e.size.div_ceil(block_size) <= high {
+                tracing::warn!(
+                    volume = %name,
+                    "volume {name} maps block {high}, past its recorded size of {} bytes (grown outside thinpool, or an older volumes.json): its size is now {needed} bytes",
+                    e.size
+                );
+                e.size = needed;
             }
         }
-    }
-    // Removals above may have deleted devices: list them again.
-    let devices: Vec<u32> = md.devices()?.iter().map(|(i, _)| i.get()).collect();
-    for id in devices {
-        if cat.by_thin_id(id).is_none() {
-            let mut name = format!("thin-{id}");
-            let mut n = 1;
-            while cat.volumes.contains_key(&name) {
-                n += 1;
-                name = format!("thin-{id}-{n}");
-            }
-            tracing::info!(thin_id = id, volume = %name, "adopting a thin device the catalog did not know");
-            cat.volumes.insert(
-                name.clone(),
-                Entry {
-                    name,
-                    thin_id: id,
-                    size: default_size,
-                    kind: VolumeKind::Thin,
-                    parent: None,
-                    created: now(),
-                    removing: false,
-                },
-            );
+        if e.parent
+            .as_ref()
+            .is_some_and(|p| !cat.volumes.contains_key(p))
+        {
+            e.parent = None;
+        }
+        if e != cat.volumes[&name] {
+            cat.volumes.insert(name, e);
             changed_cat = true;
         }
     }
-    let tid = md.transaction_id();
+    let devices: Vec<u32> = md.devices()?.iter().map(|(i, _)| i.get()).collect();
+    for id in devices {
+        if cat.by_thin_id(id).is_some() || being_removed.contains(&id) {
+            continue;
+        }
+        let mut name = format!("thin-{id}");
+        let mut n = 1;
+        while cat.volumes.contains_key(&name) {
+            n += 1;
+            name = format!("thin-{id}-{n}");
+        }
+        let high = md.highest_mapped_block(ThinId::new(id as u64)?)?;
+        let size = high.map_or(default_size, |h| default_size.max((h + 1) * block_size));
+        tracing::info!(thin_id = id, volume = %name, size, "adopting a thin device the catalog did not know");
+        cat.volumes.insert(
+            name.clone(),
+            Entry {
+                name,
+                thin_id: id,
+                size,
+                kind: VolumeKind::Thin,
+                parent: None,
+                created: now(),
+                removing: false,
+                shrinking: None,
+            },
+        );
+        changed_cat = true;
+    }
+    if !writable {
+        return Ok(());
+    }
     if changed_md {
-        md.set_transaction_id(tid, tid + 1)?;
+        md.set_transaction_id(md_tid, md_tid + 1)?;
         md.commit()?;
     }
     if changed_cat || cat.transaction_id != md.transaction_id() {
@@ -1036,6 +1149,9 @@ impl Inner {
 
     /// The metadata, refusing changes in read-only or fail mode.
     pub fn md_writable(&self) -> Result<MutexGuard<'_, MetaState>> {
+        if self.opts.read_only {
+            return Err(self.read_only_error());
+        }
         let st = self.md();
         match st.mode {
             PoolMode::ReadOnly | PoolMode::Fail => Err(Error::ReadOnly(format!(
@@ -1049,6 +1165,14 @@ impl Inner {
             ))),
             _ => Ok(st),
         }
+    }
+
+    /// The error for a change asked of a pool opened for reading only.
+    pub(crate) fn read_only_error(&self) -> Error {
+        Error::ReadOnly(format!(
+            "the pool in {} is opened for reading only: no changes",
+            self.root.display()
+        ))
     }
 
     pub fn vol_state(&self, e: &Entry) -> Arc<VolState> {

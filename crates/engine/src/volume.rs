@@ -108,6 +108,14 @@ impl Volume {
         }
     }
 
+    /// Writes to a pool opened for reading only are refused before they reach a device.
+    fn check_writable(&self) -> Result<()> {
+        if self.inner.opts.read_only {
+            return Err(self.inner.read_only_error());
+        }
+        Ok(())
+    }
+
     fn lookup(&self, vblock: u64) -> Result<Option<thinpool_thin::metadata::Lookup>> {
         let mut st = self.inner.md();
         if st.mode == PoolMode::Fail {
@@ -198,6 +206,7 @@ impl Volume {
     /// Write `data` at `offset` (durable after the next flush or commit).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         let _t = self.inner.stats.timer(IoOp::Write, data.len() as u64);
+        self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         for p in pieces(offset, data.len() as u64, self.inner.block_size) {
@@ -378,6 +387,7 @@ impl Volume {
     /// (as the kernel does). Freed blocks are punched out of the data file at the next commit.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _t = self.inner.stats.timer(IoOp::Discard, len);
+        self.check_writable()?;
         self.check_range(offset, len)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         self.unmap_whole_blocks(offset, len)
@@ -411,6 +421,7 @@ impl Volume {
     /// mapped are zero-filled.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _t = self.inner.stats.timer(IoOp::WriteZeroes, len);
+        self.check_writable()?;
         self.check_range(offset, len)?;
         let _q = self.vs.quiesce.read().expect("quiesce lock poisoned");
         self.write_zeroes_unquiesced(offset, len)

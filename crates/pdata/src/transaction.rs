@@ -735,6 +735,11 @@ impl Transaction {
         Ok(())
     }
 
+    /// The metadata device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        self.reader.device()
+    }
+
     /// Write a block of any kind in place, outside the transaction rules (only for the
     /// superblock's NEEDS_CHECK flag, which the kernel also writes in place).
     pub fn write_superblock_in_place(&mut self, mut superblock: Box<Block>) -> Result<()> {

@@ -287,6 +287,20 @@ impl ThinMetadata {
         self.sb.flags & crate::superblock::NEEDS_CHECK != 0
     }
 
+    /// Set NEEDS_CHECK: written at once into the committed superblock, in place and synced,
+    /// as the kernel's `dm_pool_metadata_set_needs_check` does when the pool fails in a way an
+    /// abort cannot undo. The open transaction is untouched (its commit keeps the flag). Such
+    /// metadata opens read-only until a check or repair clears the flag. One block write and
+    /// one sync.
+    pub fn set_needs_check(&mut self) -> Result<()> {
+        let mut committed = read_superblock(&**self.tx.device())?;
+        committed.flags |= crate::superblock::NEEDS_CHECK;
+        committed.blocknr = 0;
+        self.tx.write_superblock_in_place(committed.encode())?;
+        self.sb.flags |= crate::superblock::NEEDS_CHECK;
+        Ok(())
+    }
+
     /// Data blocks in the pool.
     pub fn nr_data_blocks(&self) -> u64 {
         self.tx.data_sm().nr_blocks()

@@ -6,5 +6,6 @@ mod crash;
 mod model;
 mod move_data;
 mod nospace;
+mod reconcile;
 mod stats;
 mod zeroing;
