@@ -5,6 +5,7 @@
 //!   vectors and on random pools (seed printed; `THINPOOL_TEST_SEED`, `THINPOOL_TEST_CASES`).
 //! - `kernel`: pools exchanged with the Linux kernel's dm-thin, booted in a VM.
 //! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
+//! - `kernel_grow`: the kernel grows a volume and makes a device of its own; nothing is trimmed.
 //! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
 //!   out compared byte for byte; `thin_check` on what they leave.
 //! - `cli_info`: `thinpool info`, `vol info`, `pool check`, `completions` and `man`, with and
@@ -24,6 +25,7 @@ mod daemon;
 mod engine_kernel;
 mod kernel;
 mod kernel_api;
+mod kernel_grow;
 mod move_data;
 mod nbd;
 mod oracle;
