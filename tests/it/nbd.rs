@@ -1,8 +1,9 @@
 //! The NBD server (`thinpool nbd serve`, and `thinpool_nbd::NbdServer` in-process) against real
 //! clients: qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh (python libnbd), fio's nbd engine, and
-//! TLS made with openssl; plus a hand-written raw client for protocol corners no real client
-//! reaches (bad magic, unknown options, the old `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, a client
-//! vanishing in the middle of a write).
+//! TLS (x509 certificates made with openssl, and pre-shared keys); plus a hand-written raw client
+//! for protocol corners no real client reaches (bad magic, unknown options, the old
+//! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, a client vanishing in the middle of a write, plain
+//! text on a TLS listener).
 //!
 //! Every test makes a small pool (512 MiB data, 16 MiB metadata, 64 KiB blocks) with 64 MiB
 //! volumes, stops the server with SIGTERM (it must exit 0 and commit), and runs `thin_check` on
@@ -991,6 +992,127 @@ fn tls_nbdinfo_and_qemu_img_round_trip() {
             .arg(&back),
     );
     assert_cmp(&src, &back);
+    srv.stop();
+    r.thin_check();
+}
+
+/// `count` random bytes as lowercase hex (a PSK as `psktool` writes it).
+fn random_hex(rng: &mut StdRng, count: usize) -> String {
+    let mut b = vec![0u8; count];
+    rng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// TLS with pre-shared keys (`--tls-psk FILE`: OpenSSL on our side, GnuTLS in libnbd and qemu)
+/// on a TCP loopback port: nbdinfo connects with the key file and an identity from it (libnbd
+/// takes the identity from the URI's user part), qemu-img writes an image and reads it back
+/// through `tls-creds-psk` (which reads `DIR/keys.psk`). A wrong key, a known key under an
+/// identity the server does not have, and plain-text clients are all refused.
+#[test]
+fn tls_psk_nbdinfo_and_qemu_img_round_trip() {
+    if !require_tools(&["nbdinfo", "qemu-img", "cmp", "thin_check"]) {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(test_seed());
+    let r = PoolRoot::new(&[("v", "64M")]);
+    let (alice, bob) = (random_hex(&mut rng, 32), random_hex(&mut rng, 16));
+    let psk_dir = |name: &str, lines: &str| {
+        let dir = r.scratch_dir().join(name);
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("keys.psk"), lines).expect("write keys.psk");
+        dir
+    };
+    let keys = psk_dir("keys", &format!("# test keys\nalice:{alice}\nbob:{bob}\n"));
+    // The client's own copies: the right one, alice with another key, alice's key as carol.
+    let good = psk_dir("good", &format!("alice:{alice}\nbob:{bob}\n"));
+    let wrong = psk_dir("wrong", &format!("alice:{}\n", random_hex(&mut rng, 32)));
+    let stranger = psk_dir("stranger", &format!("carol:{alice}\n"));
+
+    let port = free_tcp_port();
+    let srv = r.serve_tcp(port, &["--tls-psk", path_str(&keys.join("keys.psk"))]);
+    let uri = |id: &str, dir: &Path| {
+        format!(
+            "nbds://{id}@127.0.0.1:{port}/v?tls-psk-file={}",
+            dir.join("keys.psk").display()
+        )
+    };
+    for id in ["alice", "bob"] {
+        let j = nbdinfo_json(&[&uri(id, &good)]);
+        assert_eq!(j["TLS"], true, "{id}: {j}");
+        assert_eq!(j["exports"][0]["export-size"], VOL, "{id}: {j}");
+    }
+    for (what, id, dir) in [
+        ("a wrong key", "alice", &wrong),
+        ("an unknown identity", "carol", &stranger),
+    ] {
+        let out = run(tool("nbdinfo").arg(uri(id, dir)));
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("gnutls_handshake"),
+            "nbdinfo with {what} was not refused in the TLS handshake ({}):\n{err}",
+            out.status
+        );
+    }
+    // Plain text: real clients fail, and the server says why to a raw one.
+    let out = run(tool("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/v")));
+    assert!(
+        !out.status.success(),
+        "plain NBD was served on a PSK listener"
+    );
+    let out = run(tool("nbdinfo").args(["--list", &format!("nbd://127.0.0.1:{port}/")]));
+    assert!(
+        !out.status.success(),
+        "plain NBD listed exports on a PSK listener"
+    );
+    let mut raw = RawClient::connect_tcp(port, 3);
+    for opt in [OPT_LIST, OPT_GO] {
+        let data = if opt == OPT_GO {
+            b"\0\0\0\x01v\0\0".as_slice()
+        } else {
+            &[]
+        };
+        raw.option(opt, data);
+        let reply = raw.opt_reply();
+        assert_eq!(
+            (reply.option, reply.kind),
+            (opt, REP_ERR_TLS_REQD),
+            "option {opt} in plain text: {reply:?} ({})",
+            String::from_utf8_lossy(&reply.data)
+        );
+    }
+    raw.option(OPT_ABORT, &[]);
+    drop(raw);
+
+    // qemu-img over TLS-PSK, both ways.
+    let src = r.file("src.img");
+    write_file(&src, &random_with_zeros(&mut rng, VOL, &zero_runs()));
+    let creds = |dir: &Path| {
+        format!(
+            "tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice",
+            dir.display()
+        )
+    };
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=v,tls-creds=tls0"
+    );
+    run_ok(
+        tool("qemu-img")
+            .args(["convert", "-n", "--object", &creds(&good), "-f", "raw"])
+            .arg("--target-image-opts")
+            .arg(&src)
+            .arg(&opts),
+    );
+    let back = r.file("back.img");
+    run_ok(
+        tool("qemu-img")
+            .args(["convert", "--object", &creds(&good), "--image-opts", &opts])
+            .args(["-O", "raw"])
+            .arg(&back),
+    );
+    assert_cmp(&src, &back);
+    let out =
+        run(tool("qemu-img").args(["info", "--object", &creds(&wrong), "--image-opts", &opts]));
+    assert!(!out.status.success(), "qemu-img connected with a wrong key");
     srv.stop();
     r.thin_check();
 }

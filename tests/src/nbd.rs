@@ -1,7 +1,7 @@
 //! Helpers for the NBD end-to-end tests (`tests/it/nbd.rs`): a pool root made with the CLI,
 //! `thinpool nbd serve` run as a child process (stopped with SIGTERM and its exit status
 //! checked), wrappers for the real clients (qemu-io, nbdinfo, nbdsh, …) and a small raw NBD
-//! client over a unix socket for protocol checks no real client will make.
+//! client over a unix socket or TCP for protocol checks no real client will make.
 //!
 //! The raw client speaks the NBD protocol (the NBD project's `doc/proto.md`) from scratch with
 //! its own constants, so that it checks the server rather than sharing its code.
@@ -9,7 +9,8 @@
 // NBD is big-endian on the wire.
 #![allow(clippy::big_endian_bytes)]
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -465,6 +466,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// `NBD_OPT_LIST`.
 pub const OPT_LIST: u32 = 3;
+/// `NBD_OPT_STARTTLS`.
+pub const OPT_STARTTLS: u32 = 5;
 /// `NBD_OPT_GO`.
 pub const OPT_GO: u32 = 7;
 /// `NBD_OPT_STRUCTURED_REPLY`.
@@ -482,6 +485,8 @@ pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 /// `NBD_REP_ERR_UNSUP`.
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+/// `NBD_REP_ERR_TLS_REQD`.
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 /// `NBD_REP_ERR_UNKNOWN`.
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
@@ -540,11 +545,44 @@ pub struct Chunk {
     pub data: Vec<u8>,
 }
 
-/// A hand-written NBD client on a unix socket (reads time out after 20 s so a silent server
-/// fails the test instead of hanging it).
+/// The socket of a [`RawClient`].
+pub enum RawSock {
+    /// A unix socket.
+    Unix(UnixStream),
+    /// TCP (for the listeners that require TLS).
+    Tcp(TcpStream),
+}
+
+impl Read for RawSock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            RawSock::Unix(s) => s.read(buf),
+            RawSock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for RawSock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            RawSock::Unix(s) => s.write(buf),
+            RawSock::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            RawSock::Unix(s) => s.flush(),
+            RawSock::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// A hand-written NBD client on a unix socket or TCP (reads time out after 20 s so a silent
+/// server fails the test instead of hanging it).
 pub struct RawClient {
     /// The socket.
-    pub s: UnixStream,
+    pub s: RawSock,
     /// Handshake flags of the greeting.
     pub server_flags: u16,
 }
@@ -562,12 +600,25 @@ fn be64(b: &[u8]) -> u64 {
 }
 
 impl RawClient {
-    /// Connect, check the fixed-newstyle greeting and send the client flags.
+    /// Connect to a unix socket, check the fixed-newstyle greeting and send the client flags.
     pub fn connect(socket: &Path, client_flags: u32) -> RawClient {
         let s = UnixStream::connect(socket)
             .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("set timeout");
+        RawClient::greet(RawSock::Unix(s), client_flags)
+    }
+
+    /// [`RawClient::connect`] over TCP to `127.0.0.1:port`, in plain text.
+    pub fn connect_tcp(port: u16, client_flags: u32) -> RawClient {
+        let s = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("set timeout");
+        RawClient::greet(RawSock::Tcp(s), client_flags)
+    }
+
+    fn greet(s: RawSock, client_flags: u32) -> RawClient {
         let mut c = RawClient { s, server_flags: 0 };
         let g = c.read_n(18);
         assert_eq!(be64(&g[0..8]), NBDMAGIC, "greeting magic");
