@@ -15,6 +15,8 @@
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
+//! - `private`: pool files private whatever the umask; looking commands and NEEDS_CHECK pools
+//!   write nothing.
 //! - `up`: `thinpool up` as a user drives it (NBD writes, snapshots, growing under fio, JSON
 //!   numbers, SIGTERM, thin_check) and its bad inputs.
 //! - `vectors`: the committed dm-thin test vectors are what `testdata/dm-thin/README.md` says.
@@ -29,5 +31,6 @@ mod kernel_grow;
 mod move_data;
 mod nbd;
 mod oracle;
+mod private;
 mod up;
 mod vectors;
