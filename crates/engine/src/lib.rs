@@ -124,8 +124,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when the host file system under the pool's data or metadata file is full (see
+    /// [`thinpool_io::Error::is_host_full`]): the request can succeed once there is space.
+    pub fn is_host_full(&self) -> bool {
+        use thinpool_thin::{Error as Thin, PdataError as Pdata};
+        match self {
+            Error::Io(e)
+            | Error::Metadata(Thin::Io(e))
+            | Error::Metadata(Thin::Pdata(Pdata::Io(e))) => e.is_host_full(),
+            _ => false,
+        }
+    }
+
     /// The stable kind of this error.
     pub fn kind(&self) -> ErrorKind {
+        if self.is_host_full() {
+            return ErrorKind::NoSpace;
+        }
         match self {
             Error::Metadata(e) => match e {
                 thinpool_thin::Error::NoDataSpace(_) => ErrorKind::NoSpace,
@@ -133,6 +148,7 @@ impl Error {
                 thinpool_thin::Error::DeviceExists(_) => ErrorKind::Exists,
                 thinpool_thin::Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
                 thinpool_thin::Error::Io(_) => ErrorKind::Io,
+                thinpool_thin::Error::Tainted(_) => ErrorKind::ReadOnly,
                 thinpool_thin::Error::Pdata(thinpool_pdata_error) => match thinpool_pdata_error {
                     thinpool_thin::PdataError::Io(_) => ErrorKind::Io,
                     thinpool_thin::PdataError::NoMetadataSpace { .. } => ErrorKind::NoSpace,

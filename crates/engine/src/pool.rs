@@ -143,6 +143,70 @@ pub(crate) struct MetaState {
     pub low_water_fired: bool,
     /// Free data blocks known to read as zeros (see `zeroed`).
     pub zeroed: ZeroMap,
+    /// Why the pool is read-only or failed, after a metadata operation failed (named in the
+    /// errors of later requests).
+    pub failure: Option<String>,
+    /// How many aborts dropped uncommitted changes, and the last one's cause: a volume
+    /// handle's next flush fails once for each it has not seen (see `Volume::flush`).
+    pub dropped: (u64, String),
+}
+
+impl MetaState {
+    /// A metadata operation `op` failed with `e`. If it may have left a half-done change in
+    /// the open transaction, abort the transaction (reopen at the last commit) and decide the
+    /// pool's mode, as the kernel's `metadata_operation_failed` does:
+    ///
+    /// - the host file system under a pool file is full: the abort undid everything, the pool
+    ///   stays writable and the same requests succeed once the host has space again;
+    /// - any other failure (an I/O error, damaged metadata, metadata space exhausted part-way):
+    ///   read-only, with the cause named in later errors; changes since the last commit are
+    ///   forgotten (as for a crash: only flushed writes are promised);
+    /// - the abort itself fails (the committed metadata cannot be read back): NEEDS_CHECK is
+    ///   written if it can be, and the pool fails every request.
+    ///
+    /// Returns `e` for the caller. Errors that changed nothing (no such volume, pool full) pass
+    /// through untouched.
+    pub(crate) fn failed(&mut self, op: &str, e: Error) -> Error {
+        let Some(why) = self.md.tainted().map(str::to_string) else {
+            return e;
+        };
+        self.abort(op, why, e.is_host_full(), false);
+        e
+    }
+
+    /// Abort the open transaction after `op` failed for `why` and decide the mode (see
+    /// [`MetaState::failed`]). `lost_writes`: data already acknowledged may be lost even where
+    /// no mapping changes (a failed data sync), so every handle's next flush must fail.
+    pub(crate) fn abort(&mut self, op: &str, why: String, host_full: bool, lost_writes: bool) {
+        tracing::error!("{op} failed ({why}): aborting the open metadata transaction");
+        if std::mem::take(&mut self.dirty) || lost_writes {
+            self.dropped = (self.dropped.0 + 1, why.clone());
+        }
+        match self.md.abort() {
+            Ok(()) if host_full => {
+                tracing::warn!(
+                    "the host file system is full: the pool stays writable; requests that need space fail until there is space"
+                );
+            }
+            Ok(()) => {
+                let failure = format!("{op} failed: {why}");
+                tracing::error!("the pool is now read-only: {failure}");
+                self.mode = PoolMode::ReadOnly;
+                self.failure = Some(failure);
+            }
+            Err(abort) => {
+                let failure = format!(
+                    "{op} failed ({why}) and the last commit cannot be read back ({abort})"
+                );
+                tracing::error!("the pool has failed: {failure}");
+                if let Err(flag) = self.md.set_needs_check() {
+                    tracing::error!("setting NEEDS_CHECK failed too: {flag}");
+                }
+                self.mode = PoolMode::Fail;
+                self.failure = Some(failure);
+            }
+        }
+    }
 }
 
 /// Per-volume runtime state, shared by its handles.
@@ -489,6 +553,8 @@ impl Pool {
                 mode,
                 low_water_fired: false,
                 zeroed,
+                failure: None,
+                dropped: (0, String::new()),
             }),
             space: Condvar::new(),
             catalog: Mutex::new(catalog),
@@ -648,13 +714,13 @@ impl Pool {
             Some(o) => st.md.create_snap(id, ThinId::new(o.thin_id as u64)?),
             None => st.md.create_thin(id),
         };
+        let r = r.and_then(|()| st.md.set_transaction_id(tid, tid + 1));
         if let Err(err) = r {
             cat.volumes.remove(name);
             cat.transaction_id = tid;
             let _ = cat.save();
-            return Err(err.into());
+            return Err(st.failed("creating a thin device", err.into()));
         }
-        st.md.set_transaction_id(tid, tid + 1)?;
         st.dirty = true;
         drop(st);
         self.inner.commit()?;
@@ -686,8 +752,15 @@ impl Pool {
             .removing = true;
         cat.transaction_id = tid + 1;
         cat.save()?;
-        st.md.delete_thin(ThinId::new(e.thin_id as u64)?)?;
-        st.md.set_transaction_id(tid, tid + 1)?;
+        let id = ThinId::new(e.thin_id as u64)?;
+        if let Err(err) = st
+            .md
+            .delete_thin(id)
+            .and_then(|()| st.md.set_transaction_id(tid, tid + 1))
+        {
+            // The entry stays marked `removing`: the next open finishes the removal.
+            return Err(st.failed("deleting a thin device", err.into()));
+        }
         st.dirty = true;
         drop(st);
         self.inner.commit()?;
@@ -735,9 +808,11 @@ impl Pool {
         if shrink {
             let first = size.div_ceil(self.inner.block_size);
             let mut st = self.inner.md_writable()?;
-            let n = st
-                .md
-                .remove_range(ThinId::new(e.thin_id as u64)?, first, u64::MAX)?;
+            let n = match st.md.remove_range(vs.thin, first, u64::MAX) {
+                Ok(n) => n,
+                // The recorded intent finishes the shrink at the next open.
+                Err(err) => return Err(st.failed("shrinking a volume", err.into())),
+            };
             if n > 0 {
                 st.dirty = true;
             }
@@ -798,7 +873,9 @@ impl Pool {
             }
             let blocks = size / 4096;
             if blocks > st.md.nr_metadata_blocks() {
-                st.md.resize_metadata_dev(blocks)?;
+                if let Err(e) = st.md.resize_metadata_dev(blocks) {
+                    return Err(st.failed("growing the metadata device", e.into()));
+                }
                 st.dirty = true;
             }
         }
@@ -814,7 +891,9 @@ impl Pool {
                 inner.data.set_size(size)?;
             }
             if size / bs > st.md.nr_data_blocks() {
-                st.md.resize_data_dev(size / bs)?;
+                if let Err(e) = st.md.resize_data_dev(size / bs) {
+                    return Err(st.failed("growing the data device", e.into()));
+                }
                 st.dirty = true;
             }
         }
@@ -1153,6 +1232,9 @@ impl Inner {
             return Err(self.read_only_error());
         }
         let st = self.md();
+        if let Some(e) = self.failure_error(&st) {
+            return Err(e);
+        }
         match st.mode {
             PoolMode::ReadOnly | PoolMode::Fail => Err(Error::ReadOnly(format!(
                 "the pool in {} is read-only{}: no metadata changes",
@@ -1165,6 +1247,21 @@ impl Inner {
             ))),
             _ => Ok(st),
         }
+    }
+
+    /// The error for a change asked of a pool that a metadata failure made read-only or
+    /// failed, naming the failure.
+    fn failure_error(&self, st: &MetaState) -> Option<Error> {
+        let why = st.failure.as_ref()?;
+        let state = match st.mode {
+            PoolMode::Fail => "failed",
+            PoolMode::ReadOnly => "read-only",
+            _ => return None,
+        };
+        Some(Error::ReadOnly(format!(
+            "the pool in {} is {state} since a metadata operation failed: {why}",
+            self.root.display()
+        )))
     }
 
     /// The error for a change asked of a pool opened for reading only.
@@ -1201,14 +1298,39 @@ impl Inner {
     pub fn commit(&self) -> Result<()> {
         let start = Instant::now();
         let before = self.inserts.load(Ordering::SeqCst);
-        self.data.sync()?;
+        if let Err(e) = self.data.sync() {
+            // What was written may not be on the device (a failed sync may even drop the
+            // pages): never commit mappings to it, and fail every handle's next flush.
+            let e = Error::from(e);
+            self.md().abort(
+                "syncing the data device",
+                e.to_string(),
+                e.is_host_full(),
+                true,
+            );
+            return Err(e);
+        }
         let mut st = self.md();
+        // After an abort a flush fails, as the kernel fails flushes in read-only mode: what
+        // was written since the last commit may be gone, and a flush must not say otherwise.
+        if let Some(e) = self.failure_error(&st) {
+            return Err(e);
+        }
         if !st.dirty {
             return Ok(());
         }
         if self.inserts.load(Ordering::SeqCst) != before {
             // Data written for mappings inserted during the sync: sync again.
-            self.data.sync()?;
+            if let Err(e) = self.data.sync() {
+                let e = Error::from(e);
+                st.abort(
+                    "syncing the data device",
+                    e.to_string(),
+                    e.is_host_full(),
+                    true,
+                );
+                return Err(e);
+            }
         }
         let freed = if self.opts.discard_passdown {
             st.md.freed_data_blocks()
@@ -1216,9 +1338,7 @@ impl Inner {
             Vec::new()
         };
         if let Err(e) = st.md.commit() {
-            st.mode = PoolMode::ReadOnly;
-            tracing::error!("metadata commit failed, the pool is now read-only: {e}");
-            return Err(e.into());
+            return Err(st.failed("commit", e.into()));
         }
         st.dirty = false;
         self.stats.commit(start.elapsed());

@@ -14,7 +14,7 @@
 //! data device before the metadata (section 9.2).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::pool::{Inner, MetaState, PoolMode, VolState};
@@ -25,6 +25,8 @@ use crate::{Error, Result};
 pub struct Volume {
     inner: Arc<Inner>,
     vs: Arc<VolState>,
+    /// Aborts that dropped uncommitted changes, as counted at this handle's last flush.
+    seen_dropped: AtomicU64,
 }
 
 impl Clone for Volume {
@@ -79,7 +81,12 @@ fn metadata_reserve(total: u64) -> u64 {
 impl Volume {
     pub(crate) fn new(inner: Arc<Inner>, vs: Arc<VolState>) -> Self {
         vs.handles.fetch_add(1, Ordering::SeqCst);
-        Volume { inner, vs }
+        let seen_dropped = AtomicU64::new(inner.md().dropped.0);
+        Volume {
+            inner,
+            vs,
+            seen_dropped,
+        }
     }
 
     /// The volume's name.
@@ -219,7 +226,22 @@ impl Volume {
     pub fn write_fua(&self, data: &[u8], offset: u64) -> Result<()> {
         self.write_at(data, offset)?;
         let _t = self.inner.stats.timer(IoOp::Flush, 0);
-        self.inner.commit()
+        self.commit_and_report()
+    }
+
+    /// Commit, then fail once if an abort dropped uncommitted changes since this handle's last
+    /// flush: those writes were acknowledged but are gone, and a flush must not say they are
+    /// durable (like an `fsync` reporting a write-back error once per open file).
+    fn commit_and_report(&self) -> Result<()> {
+        self.inner.commit()?;
+        let (dropped, why) = self.inner.md().dropped.clone();
+        if self.seen_dropped.swap(dropped, Ordering::SeqCst) != dropped {
+            return Err(Error::NoSpace(format!(
+                "writes to volume {} since its last flush may be lost: the metadata transaction was aborted ({why})",
+                self.vs.name
+            )));
+        }
+        Ok(())
     }
 
     fn write_piece(&self, vblock: u64, off: usize, piece: &[u8]) -> Result<()> {
@@ -291,9 +313,8 @@ impl Volume {
             return Err(e);
         }
         if let Err(e) = st.md.insert_block(self.vs.thin, vblock, new) {
-            st.mode = PoolMode::ReadOnly;
-            tracing::error!("inserting a mapping failed, the pool is now read-only: {e}");
-            return Err(e.into());
+            // Aborted: the block's allocation goes with the transaction.
+            return Err(st.failed("inserting a mapping", e.into()));
         }
         st.dirty = true;
         self.inner.inserts.fetch_add(1, Ordering::SeqCst);
@@ -409,7 +430,11 @@ impl Volume {
                 return Ok(()); // discards complete without effect in read-only mode
             }
             self.metadata_room(&mut st)?;
-            if st.md.remove_range(self.vs.thin, v, batch_end)? > 0 {
+            let removed = match st.md.remove_range(self.vs.thin, v, batch_end) {
+                Ok(n) => n,
+                Err(e) => return Err(st.failed("discarding", e.into())),
+            };
+            if removed > 0 {
                 st.dirty = true;
             }
             v = batch_end;
@@ -443,7 +468,7 @@ impl Volume {
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
         let _t = self.inner.stats.timer(IoOp::Flush, 0);
-        self.inner.commit()
+        self.commit_and_report()
     }
 
     /// The mapped byte ranges inside `offset..offset+len`, merged, as `(offset, length)`.

@@ -84,6 +84,21 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// True when the file system holding a file-backed device is full (`ENOSPC`, or `EDQUOT`
+    /// for a quota): the device itself is fine and the same request can succeed once the host
+    /// has space again.
+    pub fn is_host_full(&self) -> bool {
+        let source = match self {
+            Error::Io { source, .. } | Error::Open { source, .. } => source,
+            _ => return false,
+        };
+        let code = source.raw_os_error();
+        code == Some(rustix::io::Errno::NOSPC.raw_os_error())
+            || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -487,6 +487,11 @@ impl Transaction {
         self.dirty_limit = blocks.max(1);
     }
 
+    /// The limit set by [`Transaction::set_dirty_limit`].
+    pub fn dirty_limit(&self) -> usize {
+        self.dirty_limit
+    }
+
     fn maybe_writeback(&mut self) -> Result<()> {
         if self.dirty.len() < self.dirty_limit {
             return Ok(());

@@ -82,6 +82,11 @@ pub enum Error {
     /// No free data block.
     #[error("no free data block (all {0} in use)")]
     NoDataSpace(u64),
+    /// The open transaction failed part-way and must be aborted before anything is committed.
+    #[error(
+        "the open metadata transaction failed part-way ({0}): it must be aborted, not committed"
+    )]
+    Tainted(String),
     /// Writing to a read-only metadata handle.
     #[error("metadata is open read-only")]
     ReadOnly,

@@ -156,6 +156,9 @@ pub struct ThinMetadata {
     /// Device details changed in this transaction (written at commit, like the kernel).
     details: BTreeMap<u32, DeviceDetails>,
     devices: DeviceCache,
+    /// Set when an operation failed part-way: the transaction may hold a half-done change and
+    /// must be aborted, never committed.
+    tainted: Option<String>,
 }
 
 impl ThinMetadata {
@@ -195,6 +198,7 @@ impl ThinMetadata {
             sb,
             details: BTreeMap::new(),
             devices: DeviceCache::default(),
+            tainted: None,
         };
         md.commit()?;
         Ok(md)
@@ -210,6 +214,7 @@ impl ThinMetadata {
             sb,
             details: BTreeMap::new(),
             devices: DeviceCache::default(),
+            tainted: None,
         };
         md.verify_top_level()?;
         Ok(md)
@@ -380,8 +385,7 @@ impl ThinMetadata {
             .ok_or(Error::NoSuchDevice(id.0))
     }
 
-    /// Create an empty thin device (`create_thin`).
-    pub fn create_thin(&mut self, id: ThinId) -> Result<()> {
+    fn create_thin_unguarded(&mut self, id: ThinId) -> Result<()> {
         if self.details_of(id)?.is_some() {
             return Err(Error::DeviceExists(id.0));
         }
@@ -414,9 +418,7 @@ impl ThinMetadata {
         Ok(())
     }
 
-    /// Snapshot `origin` as `id` (`create_snap`): O(1), the new device shares the origin's
-    /// mapping tree; the pool time advances.
-    pub fn create_snap(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+    fn create_snap_unguarded(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
         if self.details_of(id)?.is_some() {
             return Err(Error::DeviceExists(id.0));
         }
@@ -437,8 +439,7 @@ impl ThinMetadata {
         self.add_device(id, root, od.mapped_blocks)
     }
 
-    /// Delete a device; data blocks no longer referenced become free.
-    pub fn delete_thin(&mut self, id: ThinId) -> Result<()> {
+    fn delete_thin_unguarded(&mut self, id: ThinId) -> Result<()> {
         if self.details_of(id)?.is_none() {
             return Err(Error::NoSuchDevice(id.0));
         }
@@ -481,22 +482,17 @@ impl ThinMetadata {
         }))
     }
 
-    /// Allocate a data block (count 1), or `None` when the pool is full. The caller maps it
-    /// with [`ThinMetadata::insert_block`], which takes over this reference.
-    pub fn alloc_data_block(&mut self) -> Result<Option<u64>> {
+    fn alloc_data_block_unguarded(&mut self) -> Result<Option<u64>> {
         Ok(self.tx.data_sm_mut().alloc())
     }
 
-    /// Drop a reference on a data block the caller holds (an allocation it will not use).
-    pub fn release_data_block(&mut self, b: u64) -> Result<()> {
+    fn release_data_block_unguarded(&mut self, b: u64) -> Result<()> {
         self.check_data_block(b)?;
         self.tx.data_sm_mut().dec(b);
         Ok(())
     }
 
-    /// Take one more reference on a data block (restore and repair map blocks they did not
-    /// allocate).
-    pub fn inc_data_block(&mut self, b: u64) -> Result<()> {
+    fn inc_data_block_unguarded(&mut self, b: u64) -> Result<()> {
         self.check_data_block(b)?;
         self.tx.data_sm_mut().inc(b);
         Ok(())
@@ -519,8 +515,7 @@ impl ThinMetadata {
         self.insert_block_with_time(id, vblock, data_block, time)
     }
 
-    /// [`ThinMetadata::insert_block`] with an explicit time stamp (restore).
-    pub fn insert_block_with_time(
+    fn insert_block_with_time_unguarded(
         &mut self,
         id: ThinId,
         vblock: u64,
@@ -574,14 +569,11 @@ impl ThinMetadata {
         Ok(())
     }
 
-    /// Unmap `vblock` of device `id`; returns whether it was mapped. Its data block loses a
-    /// reference.
-    pub fn remove_block(&mut self, id: ThinId, vblock: u64) -> Result<bool> {
+    fn remove_block_unguarded(&mut self, id: ThinId, vblock: u64) -> Result<bool> {
         Ok(self.remove_range(id, vblock, vblock.saturating_add(1))? == 1)
     }
 
-    /// Unmap every block in `begin..end` of device `id`; returns how many were mapped.
-    pub fn remove_range(&mut self, id: ThinId, begin: u64, end: u64) -> Result<u64> {
+    fn remove_range_unguarded(&mut self, id: ThinId, begin: u64, end: u64) -> Result<u64> {
         let mut d = self.device_details(id)?;
         let root = self.device_root(id)?;
         let mut keys = Vec::new();
@@ -644,8 +636,7 @@ impl ThinMetadata {
         Ok(btree::last_key(&mut self.tx, root, 8)?)
     }
 
-    /// Compare-and-swap the pool transaction id (`set_transaction_id`).
-    pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
+    fn set_transaction_id_unguarded(&mut self, old: u64, new: u64) -> Result<()> {
         if self.sb.trans_id != old {
             return Err(Error::InvalidArgument(format!(
                 "transaction id is {}, not {old}",
@@ -669,9 +660,7 @@ impl ThinMetadata {
         self.details.insert(id.0, d);
     }
 
-    /// Commit, then keep a frozen copy of the trees readable at the held root
-    /// (`reserve_metadata_snap`, section 10). The change is committed too.
-    pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
+    fn reserve_metadata_snap_unguarded(&mut self) -> Result<u64> {
         if self.sb.held_root != 0 {
             return Err(Error::MetadataSnap(format!(
                 "a metadata snapshot is already held at block {}",
@@ -694,8 +683,7 @@ impl ThinMetadata {
         Ok(h)
     }
 
-    /// Drop the held metadata snapshot (`release_metadata_snap`) and commit.
-    pub fn release_metadata_snap(&mut self) -> Result<()> {
+    fn release_metadata_snap_unguarded(&mut self) -> Result<()> {
         let h = self.sb.held_root;
         if h == 0 {
             return Err(Error::MetadataSnap("no metadata snapshot is held".into()));
@@ -711,8 +699,7 @@ impl ThinMetadata {
         self.commit()
     }
 
-    /// Grow the data space map to `nr_blocks` (section 11.2). Shrinking is refused.
-    pub fn resize_data_dev(&mut self, nr_blocks: u64) -> Result<()> {
+    fn resize_data_dev_unguarded(&mut self, nr_blocks: u64) -> Result<()> {
         if self.needs_check() {
             return Err(Error::InvalidArgument(
                 "NEEDS_CHECK is set: check the metadata before growing".into(),
@@ -721,8 +708,7 @@ impl ThinMetadata {
         Ok(self.tx.resize_data(nr_blocks)?)
     }
 
-    /// Grow the metadata space map to `nr_blocks` (the device must have grown first).
-    pub fn resize_metadata_dev(&mut self, nr_blocks: u64) -> Result<()> {
+    fn resize_metadata_dev_unguarded(&mut self, nr_blocks: u64) -> Result<()> {
         if self.needs_check() {
             return Err(Error::InvalidArgument(
                 "NEEDS_CHECK is set: check the metadata before growing".into(),
@@ -731,10 +717,148 @@ impl ThinMetadata {
         Ok(self.tx.resize_metadata(nr_blocks)?)
     }
 
+    // The changes below are the kernel's verbs. Each is guarded: an error that may have left a
+    // half-done change in the open transaction (an I/O error, damaged metadata, metadata space
+    // exhausted part-way through a B-tree change) taints the transaction, which then refuses to
+    // commit until [`ThinMetadata::abort`] drops it. Errors raised before anything changes
+    // (no such device, bad argument, no free data block) do not taint.
+
+    /// Create an empty thin device (`create_thin`).
+    pub fn create_thin(&mut self, id: ThinId) -> Result<()> {
+        let r = self.create_thin_unguarded(id);
+        self.taint(r)
+    }
+
+    /// Snapshot `origin` as `id` (`create_snap`): O(1), the new device shares the origin's
+    /// mapping tree; the pool time advances.
+    pub fn create_snap(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+        let r = self.create_snap_unguarded(id, origin);
+        self.taint(r)
+    }
+
+    /// Delete a device; data blocks no longer referenced become free.
+    pub fn delete_thin(&mut self, id: ThinId) -> Result<()> {
+        let r = self.delete_thin_unguarded(id);
+        self.taint(r)
+    }
+
+    /// Allocate a data block (count 1), or `None` when the pool is full. The caller maps it
+    /// with [`ThinMetadata::insert_block`], which takes over this reference.
+    pub fn alloc_data_block(&mut self) -> Result<Option<u64>> {
+        let r = self.alloc_data_block_unguarded();
+        self.taint(r)
+    }
+
+    /// Drop a reference on a data block the caller holds (an allocation it will not use).
+    pub fn release_data_block(&mut self, b: u64) -> Result<()> {
+        let r = self.release_data_block_unguarded(b);
+        self.taint(r)
+    }
+
+    /// Take one more reference on a data block (restore and repair map blocks they did not
+    /// allocate).
+    pub fn inc_data_block(&mut self, b: u64) -> Result<()> {
+        let r = self.inc_data_block_unguarded(b);
+        self.taint(r)
+    }
+
+    /// [`ThinMetadata::insert_block`] with an explicit time stamp (restore).
+    pub fn insert_block_with_time(
+        &mut self,
+        id: ThinId,
+        vblock: u64,
+        data_block: u64,
+        time: u32,
+    ) -> Result<()> {
+        let r = self.insert_block_with_time_unguarded(id, vblock, data_block, time);
+        self.taint(r)
+    }
+
+    /// Unmap `vblock` of device `id`; returns whether it was mapped. Its data block loses a
+    /// reference.
+    pub fn remove_block(&mut self, id: ThinId, vblock: u64) -> Result<bool> {
+        let r = self.remove_block_unguarded(id, vblock);
+        self.taint(r)
+    }
+
+    /// Unmap every block in `begin..end` of device `id`; returns how many were mapped.
+    pub fn remove_range(&mut self, id: ThinId, begin: u64, end: u64) -> Result<u64> {
+        let r = self.remove_range_unguarded(id, begin, end);
+        self.taint(r)
+    }
+
+    /// Compare-and-swap the pool transaction id (`set_transaction_id`).
+    pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
+        let r = self.set_transaction_id_unguarded(old, new);
+        self.taint(r)
+    }
+
+    /// Commit, then keep a frozen copy of the trees readable at the held root
+    /// (`reserve_metadata_snap`, section 10). The change is committed too.
+    pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
+        let r = self.reserve_metadata_snap_unguarded();
+        self.taint(r)
+    }
+
+    /// Drop the held metadata snapshot (`release_metadata_snap`) and commit.
+    pub fn release_metadata_snap(&mut self) -> Result<()> {
+        let r = self.release_metadata_snap_unguarded();
+        self.taint(r)
+    }
+
+    /// Grow the data space map to `nr_blocks` (section 11.2). Shrinking is refused.
+    pub fn resize_data_dev(&mut self, nr_blocks: u64) -> Result<()> {
+        let r = self.resize_data_dev_unguarded(nr_blocks);
+        self.taint(r)
+    }
+
+    /// Grow the metadata space map to `nr_blocks` (the device must have grown first).
+    pub fn resize_metadata_dev(&mut self, nr_blocks: u64) -> Result<()> {
+        let r = self.resize_metadata_dev_unguarded(nr_blocks);
+        self.taint(r)
+    }
+
+    fn taint<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r
+            && may_have_changed(e)
+            && self.tainted.is_none()
+        {
+            self.tainted = Some(e.to_string());
+        }
+        r
+    }
+
+    /// Why the open transaction must be aborted (an operation failed part-way), if it must.
+    pub fn tainted(&self) -> Option<&str> {
+        self.tainted.as_deref()
+    }
+
+    /// Drop the open transaction and reopen at the last committed superblock, as the kernel's
+    /// `dm_pool_abort_metadata`: every change since the last commit is forgotten, the space
+    /// maps and trees are read again from the device. Blocks written ahead of the commit lie
+    /// in space the committed superblock does not reach, so nothing on disk needs undoing.
+    /// Reads the superblock, the space maps and the top of the trees (O(space-map size)).
+    /// An error means the committed metadata cannot be read back: the pool has failed.
+    pub fn abort(&mut self) -> Result<()> {
+        let dev = self.tx.device().clone();
+        let limit = self.tx.dirty_limit();
+        *self = ThinMetadata::open(dev)?;
+        self.tx.set_dirty_limit(limit);
+        Ok(())
+    }
+
     /// Commit the open transaction in the kernel's order (section 9.2): device details, space
     /// maps, every new block, flush, superblock, flush. The data device must have been flushed
     /// by the caller. After an error the handle refuses further writes.
     pub fn commit(&mut self) -> Result<()> {
+        if let Some(why) = &self.tainted {
+            return Err(Error::Tainted(why.clone()));
+        }
+        let r = self.commit_unguarded();
+        self.taint(r)
+    }
+
+    fn commit_unguarded(&mut self) -> Result<()> {
         let details = std::mem::take(&mut self.details);
         for (id, d) in &details {
             self.sb.details_root = btree::insert(
@@ -764,6 +888,17 @@ impl ThinMetadata {
     /// Number of metadata blocks changed in the open transaction.
     pub fn nr_dirty_blocks(&self) -> usize {
         self.tx.nr_dirty()
+    }
+}
+
+/// Whether an error of a metadata change may have struck in the middle of it (an I/O error,
+/// damaged metadata, metadata space exhausted part-way). Refusals (no such device, a bad
+/// argument, no free data block) are checked before anything changes.
+fn may_have_changed(e: &Error) -> bool {
+    match e {
+        Error::Pdata(p) => !matches!(p, thinpool_pdata::Error::InvalidArgument(_)),
+        Error::Io(_) | Error::Inconsistent(_) => true,
+        _ => false,
     }
 }
 

@@ -3,6 +3,7 @@
 mod common;
 mod concurrency;
 mod crash;
+mod faults;
 mod model;
 mod move_data;
 mod nospace;
