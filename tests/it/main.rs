@@ -14,6 +14,7 @@
 //!   printing exactly what they print without one.
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
+//! - `hostfull`: the host file system under the pool fills up: ENOSPC, no wedge, recovery.
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
 //! - `private`: pool files private whatever the umask; looking commands and NEEDS_CHECK pools
 //!   write nothing.
@@ -25,6 +26,7 @@ mod cli_info;
 mod cli_pool;
 mod daemon;
 mod engine_kernel;
+mod hostfull;
 mod kernel;
 mod kernel_api;
 mod kernel_grow;
