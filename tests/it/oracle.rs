@@ -7,16 +7,18 @@
 //! pools per test comes from `THINPOOL_TEST_CASES` (default small, for CI). A failing random pool's
 //! XML is kept in `$TMPDIR/thinpool-failed-*.xml`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
-use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom as _, SliceRandom as _};
+use rand::{Rng as _, SeedableRng as _};
 use thinpool_tests::pool::{GenOptions, Generated, Pool, generate};
 use thinpool_tests::{
-    Failures, VECTORS, file_size, keep_failed_input, require_tools, run, run_ok, scratch,
-    stdout_of, test_seed, text, thinpool, tool, vector, vector_xml, zeroed_file,
+    Failures, VECTORS, env_count, file_size, keep_failed_input, require_tools, run, run_ok,
+    scratch, stdout_of, test_seed, text, thinpool, tool, vector, vector_xml, zeroed_file,
 };
 
 /// Every oracle these tests use.
@@ -541,6 +543,25 @@ fn vectors_repair() {
     f.finish();
 }
 
+/// Random `meta size` argument sets per run by default: each costs two process starts (ours
+/// and the oracle's, about 8 ms together on an idle machine), so this is about 5 s.
+const SIZE_CASES: usize = 600;
+
+/// `thinpool meta size` prints what `thin_metadata_size` prints, and fails where it fails: the
+/// documented examples, then a seeded random sweep over block sizes (mostly powers of two in a
+/// unit that divides them, some not), pool sizes, max thins, output units (letters, prefixes of
+/// the long names, junk), `-n` in each form, the options' short, long, attached and `=`
+/// spellings in random order, and invalid combinations (a missing or repeated option, a zero or
+/// non-power-of-two block size, a pool smaller than a block, a bad unit, numbers past 64 bits).
+/// The seed is printed (`THINPOOL_TEST_SEED` replays it); `THINPOOL_SIZE_CASES` sets the count
+/// (default [`SIZE_CASES`]).
+///
+/// Not generated, where thinpool differs from the oracle on purpose or not yet: abbreviated
+/// long options, stray positional arguments and `-n short` with a space (getopt gives `-n` no
+/// argument there), all of which clap refuses; a repeated `-u` (the oracle takes the last one,
+/// thinpool refuses); a unitless `-b`/`-s` after `-u` (the oracle computes it in sectors but
+/// echoes it with `-u`'s unit name, `-u g -b 16` → `--block-size=16gibibytes`; thinpool echoes
+/// `16sectors`).
 #[test]
 fn metadata_size_equals_thin_metadata_size() {
     if !oracles() {
@@ -599,7 +620,224 @@ fn metadata_size_equals_thin_metadata_size() {
             &theirs,
         );
     }
+
+    let seed = test_seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let count = env_count("THINPOOL_SIZE_CASES", SIZE_CASES);
+    let started = Instant::now();
+    let mut answered = 0;
+    // The oracle's refusals by message, to show which invalid inputs the sweep reached.
+    let mut refusals: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..count {
+        let args = random_size_args(&mut rng);
+        // Output, not `run`: hundreds of refusals are expected and need no log.
+        let quiet = |cmd: &mut Command| {
+            cmd.stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot start `{cmd:?}`: {e}"))
+        };
+        let theirs = quiet(tool("thin_metadata_size").args(&args));
+        let ours = quiet(thinpool(["meta", "size"]).args(&args));
+        if theirs.status.success() {
+            answered += 1;
+        } else {
+            let why = text(&theirs.stderr);
+            let why = why.lines().next().unwrap_or("(no message)");
+            *refusals.entry(why.to_string()).or_default() += 1;
+        }
+        same_answer(
+            &mut f,
+            &format!("random case {i} of seed {seed}: meta size {args:?}"),
+            &ours,
+            &theirs,
+        );
+        if f.len() >= 20 {
+            eprintln!("stopping after 20 failures (case {i} of {count})");
+            break;
+        }
+    }
+    let refused: usize = refusals.values().sum();
+    eprintln!(
+        "{count} random argument sets in {:.1} s: thin_metadata_size answered {answered} and \
+         refused {refused}:",
+        started.elapsed().as_secs_f64()
+    );
+    for (why, n) in &refusals {
+        eprintln!("  {n:6}  {why}");
+    }
+    // The sweep must cover both sides, or it could pass by comparing refusals only.
+    if f.is_empty() && count >= 100 {
+        assert!(
+            answered >= count / 3 && refused >= count / 10,
+            "the generator is off balance: {answered} answered, {refused} refused of {count}"
+        );
+    }
     f.finish();
+}
+
+/// The units of `thin_metadata_size`, in its order: the letter and the long name it prints.
+const SIZE_UNITS: [(char, &str); 18] = [
+    ('b', "bytes"),
+    ('s', "sectors"),
+    ('k', "kibibytes"),
+    ('K', "kilobytes"),
+    ('m', "mebibytes"),
+    ('M', "megabytes"),
+    ('g', "gibibytes"),
+    ('G', "gigabytes"),
+    ('t', "tebibytes"),
+    ('T', "terabytes"),
+    ('p', "pebibytes"),
+    ('P', "petabytes"),
+    ('e', "ebibytes"),
+    ('E', "exabytes"),
+    ('z', "zebibytes"),
+    ('Z', "zetabytes"),
+    ('y', "yobibytes"),
+    ('Y', "yottabytes"),
+];
+
+/// A unit for a size or for `-u`: a letter, a non-empty prefix of a long name, or junk.
+fn random_unit(rng: &mut StdRng) -> String {
+    let (letter, name) = *SIZE_UNITS.choose(rng).expect("units");
+    match rng.random_range(0..20) {
+        0..=12 => letter.to_string(),
+        13..=18 => name[..rng.random_range(1..=name.len())].to_string(),
+        _ => (*["x", "KiB", "gibibytesx", "-", "kB", "S"]
+            .choose(rng)
+            .expect("junk"))
+        .to_string(),
+    }
+}
+
+/// A number as the tool reads it: mostly small, sometimes 0, large, or past 64 bits.
+fn random_number(rng: &mut StdRng) -> String {
+    match rng.random_range(0..20) {
+        0 => "0".into(),
+        1 => rng.random::<u64>().to_string(),
+        2 => format!(
+            "{}{:010}",
+            rng.random::<u64>(),
+            rng.random_range(0..10_000_000_000u64)
+        ),
+        3..=7 => rng.random_range(1..1u64 << 40).to_string(),
+        _ => rng.random_range(1..=4096u64).to_string(),
+    }
+}
+
+/// A number, with a unit two times in three.
+fn random_size(rng: &mut StdRng) -> String {
+    let n = random_number(rng);
+    if rng.random_bool(2.0 / 3.0) {
+        n + &random_unit(rng)
+    } else {
+        n
+    }
+}
+
+/// One random argument list for `thin_metadata_size` / `thinpool meta size`.
+fn random_size_args(rng: &mut StdRng) -> Vec<String> {
+    let block = if rng.random_bool(0.85) {
+        // A power of two from 512 bytes to 1 GiB, in a unit that divides it (no unit: sectors).
+        let k: u32 = rng.random_range(9..=30);
+        let units: Vec<(&str, u32)> =
+            [("b", 0), ("s", 9), ("", 9), ("k", 10), ("m", 20), ("g", 30)]
+                .into_iter()
+                .filter(|&(_, shift)| shift <= k)
+                .collect();
+        let (unit, shift) = *units.choose(rng).expect("512 bytes fit every unit list");
+        format!("{}{unit}", 1u64 << (k - shift))
+    } else {
+        random_size(rng)
+    };
+    let pool = if rng.random_bool(0.85) {
+        let unit = *["m", "g", "t", "p", "M", "G", "T", "s", "k"]
+            .choose(rng)
+            .expect("units");
+        format!("{}{unit}", rng.random_range(1..=4096u32))
+    } else {
+        random_size(rng)
+    };
+    let thins = match rng.random_range(0..10) {
+        0 => random_size(rng),
+        1 => format!(
+            "{}{}",
+            rng.random_range(1..=64u32),
+            ["k", "K", "m", "s", "b"].choose(rng).expect("units")
+        ),
+        _ => rng.random_range(1..=100_000u32).to_string(),
+    };
+    // (short, long, value); each of -b, -s, -m left out now and then, -u half the time.
+    let mut opts: Vec<(&str, &str, String)> = Vec::new();
+    for (short, long, value) in [
+        ("b", "block-size", block),
+        ("s", "pool-size", pool),
+        ("m", "max-thins", thins),
+    ] {
+        if rng.random_bool(0.95) {
+            opts.push((short, long, value));
+        }
+    }
+    if rng.random_bool(0.5) {
+        opts.push(("u", "unit", random_unit(rng)));
+    }
+    if rng.random_bool(0.03)
+        && let Some(again) = opts
+            .iter()
+            .filter(|o| o.0 != "u")
+            .collect::<Vec<_>>()
+            .choose(rng)
+    {
+        let again = (*again).clone();
+        opts.push(again);
+    }
+    opts.shuffle(rng);
+    // A unitless -b or -s after -u is echoed with -u's unit name by the oracle (see above):
+    // keep -u after them then.
+    let unitless = |v: &str| v.bytes().all(|b| b.is_ascii_digit());
+    if opts
+        .iter()
+        .any(|(short, _, v)| matches!(*short, "b" | "s") && unitless(v))
+        && let Some(at) = opts.iter().position(|o| o.0 == "u")
+    {
+        let u = opts.remove(at);
+        opts.push(u);
+    }
+    let mut args: Vec<String> = Vec::new();
+    for (short, long, value) in opts {
+        match rng.random_range(0..4) {
+            0 => args.extend([format!("-{short}"), value]),
+            1 => args.push(format!("-{short}{value}")),
+            2 => args.extend([format!("--{long}"), value]),
+            _ => args.push(format!("--{long}={value}")),
+        }
+    }
+    if rng.random_bool(0.4) {
+        let n = [
+            "-n",
+            "-nshort",
+            "-nlong",
+            "--numeric-only",
+            "--numeric-only=short",
+            "--numeric-only=long",
+            "-nfoo",
+            "--numeric-only=bogus",
+        ];
+        // The invalid forms one time in ten.
+        let form = if rng.random_bool(0.1) {
+            n[rng.random_range(6..8)]
+        } else {
+            n[rng.random_range(0..6)]
+        };
+        let at = rng.random_range(0..=args.len());
+        args.insert(at, form.to_string());
+        // A repeated -n, refused by both, now and then.
+        if rng.random_bool(0.05) {
+            let at = rng.random_range(0..=args.len());
+            args.insert(at, n[rng.random_range(0..6)].to_string());
+        }
+    }
+    args
 }
 
 // ------------------------------------------------------------------ random pools
