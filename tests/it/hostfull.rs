@@ -41,7 +41,7 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
     if !require_tools(&["mkfs.ext4", "qemu-io", "nbdinfo", "thin_check"]) {
         return;
     }
-    if text(&run_ok(&mut Command::new("id").arg("-u")).stdout).trim() != "0" {
+    if text(&run_ok(Command::new("id").arg("-u")).stdout).trim() != "0" {
         skip_or_fail("this test needs root (it loop-mounts a small ext4)");
         return;
     }
