@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use thinpool_tests::nbd::qemu_io;
 use thinpool_tests::{
-    require_tools, run, run_ok, scratch, skip_or_fail, text, thinpool, tool, zeroed_file,
+    require_tools, run, run_ok, scratch, skip_or_fail, text, thinpool_in, tool, zeroed_file,
 };
 
 const MIB: u64 = 1 << 20;
@@ -25,14 +25,8 @@ impl Drop for Mounted {
     }
 }
 
-fn tp(root: &Path, args: &[&str]) -> Command {
-    let mut c = thinpool(["--root"]);
-    c.arg(root).args(args).env_remove("THINPOOL_ROOT");
-    c
-}
-
 fn status(root: &Path) -> serde_json::Value {
-    let out = run_ok(&mut tp(root, &["pool", "status", "--json"]));
+    let out = run_ok(&mut thinpool_in(root, &["pool", "status", "--json"]));
     serde_json::from_slice(&out.stdout).expect("pool status --json parses")
 }
 
@@ -61,7 +55,7 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![1u8; 20 * MIB as usize]).unwrap();
 
-    let mut up: Child = tp(
+    let mut up: Child = thinpool_in(
         &root,
         &["up", "--data-size", "256M", "--metadata-size", "16M"],
     )
@@ -75,7 +69,10 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
         assert!(Instant::now() < deadline, "thinpool up did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    run_ok(&mut tp(&root, &["vol", "create", "v", "--size", "200M"]));
+    run_ok(&mut thinpool_in(
+        &root,
+        &["vol", "create", "v", "--size", "200M"],
+    ));
     let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
 
     // 120 MiB into a file system with about 70 MiB free.

@@ -6,20 +6,12 @@
 //! the kernel's write, the new device is adopted with a size covering its last block, and both
 //! read back what the kernel wrote.
 
-use std::path::Path;
-
 use thinpool_tests::kernel::{kernel_run, md5_hex};
 use thinpool_tests::{
-    kernel_scripts_dir, require_tools, run_ok, scratch, stdout_of, text, thinpool, tool,
+    kernel_scripts_dir, require_tools, run_ok, scratch, stdout_of, text, thinpool_in, tool,
 };
 
 const MIB: u64 = 1 << 20;
-
-fn tp(root: &Path, args: &[&str]) -> std::process::Command {
-    let mut c = thinpool(["--root"]);
-    c.arg(root).args(args);
-    c
-}
 
 #[test]
 fn kernel_grown_and_kernel_made_devices_keep_their_data() {
@@ -28,7 +20,7 @@ fn kernel_grown_and_kernel_made_devices_keep_their_data() {
     }
     let dir = scratch();
     let root = dir.path().join("root");
-    run_ok(&mut tp(
+    run_ok(&mut thinpool_in(
         &root,
         &[
             "pool",
@@ -42,7 +34,7 @@ fn kernel_grown_and_kernel_made_devices_keep_their_data() {
     let image: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8 | 1).collect();
     let img = dir.path().join("image");
     std::fs::write(&img, &image).unwrap();
-    run_ok(tp(&root, &["vol", "import", "v"]).arg(&img));
+    run_ok(thinpool_in(&root, &["vol", "import", "v"]).arg(&img));
 
     let (meta, data) = (root.join("pool/metadata"), root.join("pool/data"));
     let at = 20 * MIB;
@@ -73,7 +65,7 @@ fn kernel_grown_and_kernel_made_devices_keep_their_data() {
     // A read-only look first: it must not write (the files stay byte-identical) and already
     // shows the sizes that cover the kernel's blocks.
     let before = std::fs::read(&meta).unwrap();
-    let ls = stdout_of(&mut tp(&root, &["vol", "ls", "--json"]));
+    let ls = stdout_of(&mut thinpool_in(&root, &["vol", "ls", "--json"]));
     assert_eq!(
         std::fs::read(&meta).unwrap(),
         before,
@@ -93,14 +85,14 @@ fn kernel_grown_and_kernel_made_devices_keep_their_data() {
     assert_eq!(size_of("thin-1"), new_size, "thin-1 covers its last block");
 
     // The user's next step in the reproduction: resize, then read everything back.
-    run_ok(&mut tp(&root, &["vol", "resize", "v", "32M"]));
+    run_ok(&mut thinpool_in(&root, &["vol", "resize", "v", "32M"]));
     let dump = stdout_of(tool("thin_dump").arg(&meta));
     assert!(
         dump.contains("origin_begin=\"320\""),
         "the kernel's block 320 of device 0 is mapped:\n{dump}"
     );
     let out_v = dir.path().join("v.out");
-    run_ok(tp(&root, &["vol", "export", "v"]).arg(&out_v));
+    run_ok(thinpool_in(&root, &["vol", "export", "v"]).arg(&out_v));
     let v = std::fs::read(&out_v).unwrap();
     assert_eq!(v.len() as u64, 32 * MIB);
     assert!(v[..16 * MIB as usize] == image[..], "the imported image");
@@ -110,7 +102,7 @@ fn kernel_grown_and_kernel_made_devices_keep_their_data() {
         "the kernel's write past the old end"
     );
     let out_new = dir.path().join("thin-1.out");
-    run_ok(tp(&root, &["vol", "export", "thin-1"]).arg(&out_new));
+    run_ok(thinpool_in(&root, &["vol", "export", "thin-1"]).arg(&out_new));
     let n = std::fs::read(&out_new).unwrap();
     assert_eq!(n.len() as u64, new_size);
     assert_eq!(

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thinpool_io::{BlockDevice, FileDevice};
-use thinpool_tests::{run, run_ok, scratch, text, thinpool, thinpool_bin};
+use thinpool_tests::{run, run_ok, scratch, text, thinpool_bin, thinpool_in};
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p)
@@ -16,12 +16,6 @@ fn mode(p: &Path) -> u32 {
         .permissions()
         .mode()
         & 0o7777
-}
-
-fn tp(root: &Path, args: &[&str]) -> std::process::Command {
-    let mut c = thinpool(["--root"]);
-    c.arg(root).args(args);
-    c
 }
 
 const PRIVATE: [(&str, u32); 6] = [
@@ -74,7 +68,7 @@ fn pool_files_are_private_whatever_the_umask() {
         };
         std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(m)).unwrap();
     }
-    run_ok(&mut tp(&root, &["vol", "ls"]));
+    run_ok(&mut thinpool_in(&root, &["vol", "ls"]));
     assert_private(&root, "after vol ls on a pool with open modes");
 }
 
@@ -82,7 +76,7 @@ fn pool_files_are_private_whatever_the_umask() {
 fn looking_commands_and_needs_check_pools_write_nothing() {
     let dir = scratch();
     let root = dir.path().join("root");
-    run_ok(&mut tp(
+    run_ok(&mut thinpool_in(
         &root,
         &[
             "pool",
@@ -93,10 +87,13 @@ fn looking_commands_and_needs_check_pools_write_nothing() {
             "8M",
         ],
     ));
-    run_ok(&mut tp(&root, &["vol", "create", "v", "--size", "4M"]));
+    run_ok(&mut thinpool_in(
+        &root,
+        &["vol", "create", "v", "--size", "4M"],
+    ));
     let img = dir.path().join("img");
     std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
-    run_ok(tp(&root, &["vol", "import", "v"]).arg(&img));
+    run_ok(thinpool_in(&root, &["vol", "import", "v"]).arg(&img));
     let files = || -> Vec<Vec<u8>> {
         ["pool/data", "pool/metadata", "volumes.json"]
             .iter()
@@ -121,7 +118,7 @@ fn looking_commands_and_needs_check_pools_write_nothing() {
         }
         let before = files();
         for args in looks {
-            let mut cmd = tp(&root, args);
+            let mut cmd = thinpool_in(&root, args);
             if args.get(1) == Some(&"export") {
                 cmd.arg(dir.path().join("out"));
             }
@@ -133,7 +130,10 @@ fn looking_commands_and_needs_check_pools_write_nothing() {
             );
         }
         if flagged {
-            let out = run(&mut tp(&root, &["vol", "create", "w", "--size", "1M"]));
+            let out = run(&mut thinpool_in(
+                &root,
+                &["vol", "create", "w", "--size", "1M"],
+            ));
             assert!(!out.status.success());
             let err = text(&out.stderr);
             assert!(

@@ -148,6 +148,13 @@ where
     cmd
 }
 
+/// `thinpool --root ROOT ARGS…` (with `THINPOOL_ROOT` unset, so only `root` counts).
+pub fn thinpool_in(root: &Path, args: &[&str]) -> Command {
+    let mut cmd = thinpool(["--root".as_ref(), root.as_os_str()]);
+    cmd.args(args).env_remove("THINPOOL_ROOT");
+    cmd
+}
+
 /// Shell-like rendering of a command, for messages.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
