@@ -91,6 +91,12 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
     // The daemon answers, the pool stays writable, new clients connect.
     let st = status(&root);
     assert_eq!(st["mode"], "rw", "{st}");
+    let failure = st["failure"].as_str().unwrap_or_default();
+    assert!(
+        failure.starts_with("host file system full: ")
+            && failure.contains(&root.display().to_string()),
+        "pool status names the full host file system and the file: {st}"
+    );
     run_ok(tool("nbdinfo").arg(&uri));
 
     // Space again: the same requests succeed, without a restart.
@@ -112,7 +118,12 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
         out.status.success() && !said.contains("failed") && !said.contains("mismatch"),
         "{said}"
     );
-    assert_eq!(status(&root)["mode"], "rw");
+    let st = status(&root);
+    assert_eq!(
+        (&st["mode"], &st["failure"]),
+        (&"rw".into(), &serde_json::Value::Null),
+        "{st}"
+    );
 
     let pid = up.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();

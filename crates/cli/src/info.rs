@@ -368,6 +368,7 @@ mod tests {
             metadata_path: "/nonexistent/pool/metadata".into(),
             volumes: 2,
             snapshots: 1,
+            failure: None,
         }
     }
 

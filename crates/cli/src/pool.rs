@@ -368,6 +368,7 @@ fn render_status(root: &Path, s: &PoolStatus) -> String {
         ),
         ("Mode", mode_name(s.mode).to_string()),
         ("Needs check", yes_no(s.needs_check).to_string()),
+        ("Failure", s.failure.clone().unwrap_or_else(|| "-".into())),
         (
             "When out of space",
             if s.error_if_no_space {

@@ -61,6 +61,9 @@ pub struct PoolStatus {
     pub volumes: usize,
     /// Snapshots.
     pub snapshots: usize,
+    /// What went wrong while it matters (a metadata failure, the host file system full).
+    #[serde(default)]
+    pub failure: Option<String>,
 }
 
 impl PoolStatus {

@@ -78,6 +78,10 @@ pub struct PoolStatus {
     pub volumes: usize,
     /// Snapshots.
     pub snapshots: usize,
+    /// What went wrong, while it matters: the metadata failure that made the pool read-only
+    /// or failed, or the host file system full under a pool file (writes needing space fail
+    /// with ENOSPC until there is space again).
+    pub failure: Option<String>,
 }
 
 impl PoolStatus {
@@ -149,6 +153,9 @@ pub(crate) struct MetaState {
     /// How many aborts dropped uncommitted changes, and the last one's cause: a volume
     /// handle's next flush fails once for each it has not seen (see `Volume::flush`).
     pub dropped: (u64, String),
+    /// The last failure of a write or commit because the host file system under a pool file
+    /// is full, until a commit succeeds again.
+    pub host_full: Option<String>,
 }
 
 impl MetaState {
@@ -184,6 +191,7 @@ impl MetaState {
         }
         match self.md.abort() {
             Ok(()) if host_full => {
+                self.host_full = Some(format!("host file system full: {why}"));
                 tracing::warn!(
                     "the host file system is full: the pool stays writable; requests that need space fail until there is space"
                 );
@@ -555,6 +563,7 @@ impl Pool {
                 zeroed,
                 failure: None,
                 dropped: (0, String::new()),
+                host_full: None,
             }),
             space: Condvar::new(),
             catalog: Mutex::new(catalog),
@@ -581,9 +590,12 @@ impl Pool {
         &self.inner.root
     }
 
-    /// Status, after a commit (as the kernel does when its status is read).
+    /// Status, after a commit (as the kernel does when its status is read). A commit that
+    /// fails does not hide the status: its cause is in [`PoolStatus::failure`].
     pub fn status(&self) -> Result<PoolStatus> {
-        self.inner.commit()?;
+        if let Err(e) = self.inner.commit() {
+            tracing::debug!("commit before the status failed: {e}");
+        }
         let (volumes, snapshots) = self.inner.catalog().counts();
         let st = self.inner.md();
         let md = &st.md;
@@ -607,6 +619,7 @@ impl Pool {
             metadata_path: self.inner.metadata_path.clone(),
             volumes,
             snapshots,
+            failure: st.failure.clone().or_else(|| st.host_full.clone()),
         })
     }
 
@@ -1341,6 +1354,7 @@ impl Inner {
             return Err(st.failed("commit", e.into()));
         }
         st.dirty = false;
+        st.host_full = None;
         self.stats.commit(start.elapsed());
         for b in freed {
             if st.md.data_block_count(b) == 0 {

@@ -310,6 +310,10 @@ impl Volume {
         let mut st = self.inner.md();
         if let Err(e) = r {
             let _ = st.md.release_data_block(new);
+            if e.is_host_full() {
+                // Shown by `status` until a commit succeeds again.
+                st.host_full = Some(format!("host file system full: {e}"));
+            }
             return Err(e);
         }
         if let Err(e) = st.md.insert_block(self.vs.thin, vblock, new) {

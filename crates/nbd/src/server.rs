@@ -82,7 +82,7 @@ impl NbdServer {
             && tls.is_none()
         {
             return Err(Error::Config(format!(
-                "refusing to listen on {addr} without TLS: anyone who can reach it could read and write every volume; give --tls-cert/--tls-key, or listen on loopback or a unix socket"
+                "refusing to listen on {addr} without TLS: anyone who can reach it could read and write every volume; give --tls-cert/--tls-key or --tls-psk, or listen on loopback or a unix socket"
             )));
         }
         let pump = match tls {

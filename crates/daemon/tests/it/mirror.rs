@@ -20,6 +20,7 @@ fn status(mode: PoolMode, held_root: Option<u64>, flags: bool) -> PoolStatus {
         metadata_path: "/r/pool/metadata".into(),
         volumes: 3,
         snapshots: 1,
+        failure: flags.then(|| "host file system full: write of /r/pool/data failed".into()),
     }
 }
 
