@@ -101,7 +101,12 @@ fn open_stream(path: &Path) -> Result<UnixStream> {
         if source.kind() == IoKind::PermissionDenied {
             Error::NotAccessible {
                 path: path.to_path_buf(),
-                owner: std::fs::metadata(path).ok().map(|m| m.uid()),
+                // The pool's root is private to its owner (0700), so another user may not
+                // even see the socket: the root's owner is the daemon's owner then.
+                owner: std::fs::metadata(path)
+                    .or_else(|_| std::fs::metadata(path.parent().unwrap_or(path)))
+                    .ok()
+                    .map(|m| m.uid()),
             }
         } else {
             Error::Connect {
