@@ -3,7 +3,7 @@
 //! only) holding a 20 MiB filler, and a client writes 120 MiB. The client must get ENOSPC (not
 //! EIO), the daemon must answer `pool status` and new clients throughout, and once the filler
 //! is deleted, writes and flushes work again without a restart; SIGTERM exits 0 and
-//! `thin_check` passes.
+//! `thin_check` passes. `up` warns at start that the sparse files can outgrow the host.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -128,11 +128,17 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
     let pid = up.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let done = up.wait_with_output().unwrap();
+    let log = text(&done.stderr);
     assert!(
         done.status.success(),
-        "thinpool up after SIGTERM: {}\n{}",
+        "thinpool up after SIGTERM: {}\n{log}",
         done.status,
-        text(&done.stderr)
+    );
+    // It said so at start: 272 MiB of sparse files on a 96 MiB file system.
+    assert!(
+        log.contains("the pool's sparse files may grow by")
+            && log.contains("writes will fail with ENOSPC before the pool is full"),
+        "no warning about the host's free space:\n{log}"
     );
     let check = run(tool("thin_check").arg(root.join("pool/metadata")));
     assert!(check.status.success(), "{}", text(&check.stderr));

@@ -226,7 +226,18 @@ impl Daemon {
             })?;
         }
         let pool = match Pool::open(root, opts.pool.clone()) {
-            Ok(p) => p,
+            Ok(p) => {
+                // Docker's loop files filled /var/lib/docker without a word: say it up front.
+                if let Some(s) = p.host_space_shortfall() {
+                    tracing::warn!(
+                        "the pool's sparse files may grow by {} bytes but their file system (holding {}) has {} bytes free: writes will fail with ENOSPC before the pool is full",
+                        s.may_take,
+                        s.path.display(),
+                        s.free
+                    );
+                }
+                p
+            }
             Err(e) => {
                 if e.kind() == thinpool_engine::ErrorKind::Busy
                     && let Ok(Some(c)) = Client::connect_if_running(&socket_path)

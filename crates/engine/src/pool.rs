@@ -217,6 +217,18 @@ impl MetaState {
     }
 }
 
+/// The pool's sparse files may take more than their host file system has free (see
+/// [`Pool::host_space_shortfall`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostShortfall {
+    /// A pool file on that file system.
+    pub path: PathBuf,
+    /// Bytes the sparse files there may still take.
+    pub may_take: u64,
+    /// Bytes free there.
+    pub free: u64,
+}
+
 /// Per-volume runtime state, shared by its handles.
 pub(crate) struct VolState {
     pub name: String,
@@ -588,6 +600,37 @@ impl Pool {
     /// The pool's root directory.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// When the pool's sparse files could outgrow their host file system: the bytes they
+    /// may still take (virtual size minus what is allocated, summed per file system) and the
+    /// bytes free there, for the first file system where the first exceeds the second. `None`
+    /// when they fit, or for block devices. A few `stat`/`statvfs` calls.
+    pub fn host_space_shortfall(&self) -> Option<HostShortfall> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut by_fs: Vec<(u64, PathBuf, u64)> = Vec::new();
+        for p in [&self.inner.data_path, &self.inner.metadata_path] {
+            let Ok(m) = std::fs::metadata(p) else {
+                continue;
+            };
+            if !m.is_file() {
+                continue;
+            }
+            let more = m.len().saturating_sub(m.blocks() * 512);
+            match by_fs.iter_mut().find(|(dev, _, _)| *dev == m.dev()) {
+                Some(e) => e.2 += more,
+                None => by_fs.push((m.dev(), p.clone(), more)),
+            }
+        }
+        by_fs.into_iter().find_map(|(_, path, may_take)| {
+            let st = rustix::fs::statvfs(&path).ok()?;
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            (may_take > free).then_some(HostShortfall {
+                path,
+                may_take,
+                free,
+            })
+        })
     }
 
     /// Status, after a commit (as the kernel does when its status is read). A commit that
