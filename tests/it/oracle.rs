@@ -1,7 +1,7 @@
 //! The `thinpool meta` toolbox against thin-provisioning-tools 0.9.0 (`thin_dump`, `thin_check`,
 //! `thin_ls`, `thin_delta`, `thin_restore`, `thin_repair`, `thin_metadata_size`): the same text on
 //! stdout and the same success or failure, on the six committed vectors
-//! (`../shared/testdata/dm-thin/`) and on random pools written both by `thin_restore` and by us.
+//! (`testdata/dm-thin/`) and on random pools written both by `thin_restore` and by us.
 //!
 //! Random pools print their seed; replay with `THINPOOL_TEST_SEED=<seed>`. The number of random
 //! pools per test comes from `THINPOOL_TEST_CASES` (default small, for CI). A failing random pool's
