@@ -949,16 +949,7 @@ fn tls_nbdinfo_and_qemu_img_round_trip() {
         "nbdinfo trusted a certificate of another CA"
     );
     // Without TLS: the server refuses.
-    let out = run(tool("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/v")));
-    assert!(
-        !out.status.success(),
-        "plain NBD was served on a TLS listener"
-    );
-    let out = run(tool("nbdinfo").args(["--list", &format!("nbd://127.0.0.1:{port}/")]));
-    assert!(
-        !out.status.success(),
-        "plain NBD listed exports on a TLS listener"
-    );
+    assert_plain_refused(port, "TLS");
 
     // qemu-img over TLS, both ways.
     let src = r.file("src.img");
@@ -1054,16 +1045,7 @@ fn tls_psk_nbdinfo_and_qemu_img_round_trip() {
         );
     }
     // Plain text: real clients fail, and the server says why to a raw one.
-    let out = run(tool("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/v")));
-    assert!(
-        !out.status.success(),
-        "plain NBD was served on a PSK listener"
-    );
-    let out = run(tool("nbdinfo").args(["--list", &format!("nbd://127.0.0.1:{port}/")]));
-    assert!(
-        !out.status.success(),
-        "plain NBD listed exports on a PSK listener"
-    );
+    assert_plain_refused(port, "PSK");
     let mut raw = RawClient::connect_tcp(port, 3);
     for opt in [OPT_LIST, OPT_GO] {
         let data = if opt == OPT_GO {
@@ -1422,4 +1404,19 @@ fn sigterm_with_clients_connected_exits_0() {
     srv.stop();
     r.thin_check();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Plain (non-TLS) nbdinfo, for an export and for the list, is refused by the server on
+/// 127.0.0.1:`port`, a `kind` (TLS or PSK) listener.
+fn assert_plain_refused(port: u16, kind: &str) {
+    let out = run(tool("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/v")));
+    assert!(
+        !out.status.success(),
+        "plain NBD was served on a {kind} listener"
+    );
+    let out = run(tool("nbdinfo").args(["--list", &format!("nbd://127.0.0.1:{port}/")]));
+    assert!(
+        !out.status.success(),
+        "plain NBD listed exports on a {kind} listener"
+    );
 }
