@@ -6,6 +6,9 @@
 //! - `kernel`: pools exchanged with the Linux kernel's dm-thin, booted in a VM.
 //! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
 //! - `kernel_grow`: the kernel grows a volume and makes a device of its own; nothing is trimmed.
+//! - `kernel_needs_check`: a pool thinpool flagged NEEDS_CHECK: thin_check, the kernel
+//!   (read-only, `needs_check` in its status) and thinpool agree; after
+//!   `thin_check --clear-needs-check-flag` both open it read-write.
 //! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
 //!   out compared byte for byte; `thin_check` on what they leave.
 //! - `cli_info`: `thinpool info`, `vol info`, `pool check`, `completions` and `man`, with and
@@ -15,6 +18,8 @@
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
 //! - `hostfull`: the host file system under the pool fills up: ENOSPC, no wedge, recovery.
+//! - `meta_repair`: `thinpool meta repair` of a superblock with an absurd `nr_data_blocks`: derived
+//!   from the mappings and the data file; thin_check and thin_dump on the result.
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
 //! - `private`: pool files private whatever the umask; looking commands and NEEDS_CHECK pools
 //!   write nothing.
@@ -32,6 +37,7 @@ mod kernel;
 mod kernel_api;
 mod kernel_grow;
 mod kernel_needs_check;
+mod meta_repair;
 mod move_data;
 mod nbd;
 mod oracle;
