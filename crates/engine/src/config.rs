@@ -4,6 +4,18 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use thinpool_thin::metadata::{DEFAULT_CACHE_BLOCKS, MIN_CACHE_BLOCKS};
+
+use crate::{Error, Result};
+
+/// Metadata block size: the unit of [`PoolOptions::metadata_cache`].
+const METADATA_BLOCK: u64 = 4096;
+/// Default [`PoolOptions::metadata_cache`]: 8 MiB.
+pub(crate) const DEFAULT_METADATA_CACHE: u64 = DEFAULT_CACHE_BLOCKS as u64 * METADATA_BLOCK;
+/// Smallest [`PoolOptions::metadata_cache`]: 256 KiB (64 blocks, a few times the deepest path
+/// through the mapping tree).
+pub(crate) const MIN_METADATA_CACHE: u64 = MIN_CACHE_BLOCKS as u64 * METADATA_BLOCK;
+
 /// Sizes and devices of a new pool.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -55,6 +67,11 @@ pub struct PoolOptions {
     /// they were (for commands that only look). A pool whose metadata needs a check opens
     /// this way whatever this says.
     pub read_only: bool,
+    /// Memory for clean metadata blocks, in bytes (default 8 MiB, at least 256 KiB): the
+    /// block cache holds at most this much (least recently used blocks go first, CLOCK), and
+    /// new B-tree nodes changed since the last commit are written back to the metadata
+    /// device early once they take as much again. So metadata blocks take at most twice this.
+    pub metadata_cache: u64,
 }
 
 impl Default for PoolOptions {
@@ -68,6 +85,40 @@ impl Default for PoolOptions {
             commit_interval: Some(Duration::from_secs(1)),
             discard_passdown: true,
             read_only: false,
+            metadata_cache: DEFAULT_METADATA_CACHE,
         }
+    }
+}
+
+impl PoolOptions {
+    /// [`PoolOptions::metadata_cache`] in 4 KiB blocks, refused below
+    /// [`MIN_METADATA_CACHE`].
+    pub fn metadata_cache_blocks(&self) -> Result<usize> {
+        if self.metadata_cache < MIN_METADATA_CACHE {
+            return Err(Error::InvalidArgument(format!(
+                "metadata cache of {} bytes is too small: at least {} KiB",
+                self.metadata_cache,
+                MIN_METADATA_CACHE >> 10
+            )));
+        }
+        Ok(usize::try_from(self.metadata_cache / METADATA_BLOCK).unwrap_or(usize::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_cache_in_blocks_with_a_floor() {
+        let mut o = PoolOptions::default();
+        assert_eq!(o.metadata_cache_blocks().unwrap(), 2048);
+        o.metadata_cache = 256 << 20;
+        assert_eq!(o.metadata_cache_blocks().unwrap(), 65536);
+        o.metadata_cache = MIN_METADATA_CACHE;
+        assert_eq!(o.metadata_cache_blocks().unwrap(), 64);
+        o.metadata_cache = MIN_METADATA_CACHE - 1;
+        let e = o.metadata_cache_blocks().unwrap_err();
+        assert!(e.to_string().contains("at least 256 KiB"), "{e}");
     }
 }

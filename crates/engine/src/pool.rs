@@ -443,7 +443,11 @@ impl Pool {
         opts: PoolOptions,
     ) -> Result<Pool> {
         let nr_data = devs.data.size()? / block_size;
-        let md = ThinMetadata::format(devs.meta.clone(), (block_size / SECTOR) as u32, nr_data)?;
+        let cache_blocks = opts.metadata_cache_blocks()?;
+        let mut md =
+            ThinMetadata::format(devs.meta.clone(), (block_size / SECTOR) as u32, nr_data)?;
+        md.set_cache_limit(cache_blocks)?;
+        md.set_dirty_limit(cache_blocks);
         let catalog = Catalog::new(root, md.transaction_id());
         catalog.save()?;
         tracing::info!(root = %root.display(), nr_data, block_size, "pool created");
@@ -505,7 +509,10 @@ impl Pool {
     }
 
     fn open_inner(root: &Path, devs: Devices, opts: PoolOptions) -> Result<Pool> {
+        let cache_blocks = opts.metadata_cache_blocks()?;
         let mut md = ThinMetadata::open(devs.meta.clone())?;
+        md.set_cache_limit(cache_blocks)?;
+        md.set_dirty_limit(cache_blocks);
         let block_size = md.data_block_size() as u64 * SECTOR;
         let data = &devs.data;
         let dev_blocks = data.size()? / block_size;

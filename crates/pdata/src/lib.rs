@@ -6,7 +6,9 @@
 //! - [`block`]: checksummed 4 KiB blocks, the four kinds and their salts, validation;
 //! - [`node`]: the B-tree node layout;
 //! - [`space_map`]: reference counts in the on-disk bitmap shape, allocation rules;
-//! - [`transaction`]: block cache, shadowing, loading and committing both space maps;
+//! - [`cache`]: the bounded block cache (CLOCK eviction);
+//! - [`transaction`]: block reads through the cache, shadowing, loading and committing both
+//!   space maps;
 //! - [`btree`]: lookup, insert, remove, walks and deletion with reference counting.
 //!
 //! ```
@@ -29,6 +31,7 @@
 
 pub mod block;
 pub mod btree;
+pub mod cache;
 pub mod node;
 pub mod space_map;
 pub mod transaction;

@@ -13,8 +13,7 @@
 //! Blocks allocated in the transaction may be written back to the device early when many are
 //! dirty: they are unreachable from the committed superblock, so this is safe at any time.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use thinpool_io::BlockDevice;
@@ -23,6 +22,7 @@ use crate::block::{
     BLOCK_SIZE, Block, BlockKind, MetaBlock, le_u32, le_u64, put_u32, put_u64, stamp, validate,
 };
 use crate::btree::{self, PlainValue};
+use crate::cache::{BlockCache, BlockMap, CacheStats};
 use crate::space_map::{ENTRIES_PER_BITMAP, SpaceMap};
 use crate::{Error, Result};
 
@@ -33,7 +33,14 @@ pub const MAX_METADATA_BLOCKS: u64 = MAX_METADATA_BITMAPS as u64 * ENTRIES_PER_B
 /// Size of an encoded space-map root (the rest of the 128-byte superblock field is zero).
 pub const SM_ROOT_SIZE: usize = 32;
 const DIRTY_WRITEBACK: usize = 16384;
-const CACHE_BLOCKS: usize = 65536;
+/// Cache size of an open transaction (a pool) unless set otherwise: 2048 blocks, 8 MiB.
+pub const DEFAULT_CACHE_BLOCKS: usize = 2048;
+/// The smallest cache a transaction accepts: 64 blocks (256 KiB), a few times the deepest
+/// path through both levels of a large mapping tree plus the space-map trees.
+pub const MIN_CACHE_BLOCKS: usize = 64;
+/// Cache size of a stand-alone [`BlockReader`] (tools that walk a whole pool once and exit):
+/// 65536 blocks, 256 MiB at most.
+pub const TOOL_CACHE_BLOCKS: usize = 65536;
 
 /// A space-map root (section 6.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,32 +106,6 @@ impl IndexEntry {
     }
 }
 
-/// Hashes metadata block numbers for the block maps: one multiplication, folded so that the
-/// high bits reach the low ones. Every B-tree node read goes through two of these maps (the
-/// transaction's blocks, then the cache), and SipHash cost more than the rest of a lookup. Its
-/// protection against chosen keys matters little here: keys are block numbers below the
-/// device's size, and the cache is bounded, so even a crafted metadata file can only make some
-/// probes longer, not unbounded.
-#[derive(Default, Clone, Copy)]
-struct BlockHasher(u64);
-
-impl Hasher for BlockHasher {
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(b as u64);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// A map keyed by metadata block number.
-type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
-
 #[derive(Debug, Default, Clone)]
 struct SmLayout {
     bitmaps: Vec<u64>,
@@ -132,21 +113,26 @@ struct SmLayout {
     ref_count_root: u64,
 }
 
-/// Reads validated metadata blocks through a cache. Used by the transaction and, on its own,
-/// by read-only tools.
+/// Reads validated metadata blocks through a bounded cache ([`BlockCache`]). Used by the
+/// transaction and, on its own, by read-only tools.
 pub struct BlockReader {
     dev: Arc<dyn BlockDevice>,
-    cache: BlockMap<Arc<Block>>,
+    cache: BlockCache,
     nr_blocks: u64,
 }
 
 impl BlockReader {
-    /// A reader over `dev`.
+    /// A reader over `dev` with the tools' cache size ([`TOOL_CACHE_BLOCKS`]).
     pub fn new(dev: Arc<dyn BlockDevice>) -> Result<Self> {
+        Self::with_cache(dev, TOOL_CACHE_BLOCKS)
+    }
+
+    /// A reader over `dev` caching at most `cache_blocks` blocks (at least one).
+    pub fn with_cache(dev: Arc<dyn BlockDevice>, cache_blocks: usize) -> Result<Self> {
         let nr_blocks = dev.size()? / BLOCK_SIZE as u64;
         Ok(BlockReader {
             dev,
-            cache: BlockMap::default(),
+            cache: BlockCache::new(cache_blocks),
             nr_blocks,
         })
     }
@@ -159,6 +145,26 @@ impl BlockReader {
     /// Blocks on the device.
     pub fn nr_blocks(&self) -> u64 {
         self.nr_blocks
+    }
+
+    /// The most blocks the cache holds.
+    pub fn cache_capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Blocks cached now.
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Change the cache's capacity (shrinking evicts at once).
+    pub fn set_cache_capacity(&mut self, blocks: usize) {
+        self.cache.set_capacity(blocks);
+    }
+
+    /// Cache hits, misses and evictions since the reader was made.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     /// Read block `b` without validation (for tools that identify unknown blocks).
@@ -176,8 +182,8 @@ impl BlockReader {
 
     /// Read block `b` and check its checksum (with `kind`'s salt) and block number.
     pub fn read(&mut self, b: u64, kind: BlockKind) -> Result<Arc<Block>> {
-        if let Some(blk) = self.cache.get(&b) {
-            return Ok(blk.clone());
+        if let Some(blk) = self.cache.get(b) {
+            return Ok(blk);
         }
         let buf = self.read_raw(b)?;
         validate(&buf[..], kind, b).map_err(|fault| Error::Corrupt {
@@ -185,22 +191,16 @@ impl BlockReader {
             fault,
         })?;
         let blk: Arc<Block> = Arc::from(buf);
-        if self.cache.len() >= CACHE_BLOCKS {
-            self.cache.clear();
-        }
         self.cache.insert(b, blk.clone());
         Ok(blk)
     }
 
     fn insert_clean(&mut self, b: u64, blk: Arc<Block>) {
-        if self.cache.len() >= CACHE_BLOCKS {
-            self.cache.clear();
-        }
         self.cache.insert(b, blk);
     }
 
     fn forget(&mut self, b: u64) {
-        self.cache.remove(&b);
+        self.cache.remove(b);
     }
 }
 
@@ -227,7 +227,7 @@ impl Transaction {
         nr_metadata_blocks: u64,
         nr_data_blocks: u64,
     ) -> Result<Self> {
-        let reader = BlockReader::new(dev)?;
+        let reader = BlockReader::with_cache(dev, DEFAULT_CACHE_BLOCKS)?;
         let nr_metadata_blocks = nr_metadata_blocks.min(MAX_METADATA_BLOCKS);
         if reader.nr_blocks() < nr_metadata_blocks || nr_metadata_blocks < 16 {
             return Err(Error::InvalidArgument(format!(
@@ -261,7 +261,7 @@ impl Transaction {
 
     /// Open the space maps named by a committed superblock.
     pub fn open(dev: Arc<dyn BlockDevice>, meta_root: SmRoot, data_root: SmRoot) -> Result<Self> {
-        let mut reader = BlockReader::new(dev)?;
+        let mut reader = BlockReader::with_cache(dev, DEFAULT_CACHE_BLOCKS)?;
         if meta_root.nr_blocks > reader.nr_blocks() || meta_root.nr_blocks > MAX_METADATA_BLOCKS {
             return Err(Error::Inconsistent(format!(
                 "the metadata space map covers {} blocks but the device {} has {}",
@@ -485,6 +485,24 @@ impl Transaction {
     /// blocks are unreachable from the committed superblock.
     pub fn set_dirty_limit(&mut self, blocks: usize) {
         self.dirty_limit = blocks.max(1);
+    }
+
+    /// Bound the clean-block cache to `blocks` blocks (default [`DEFAULT_CACHE_BLOCKS`]);
+    /// refused below [`MIN_CACHE_BLOCKS`]. Shrinking evicts at once.
+    pub fn set_cache_limit(&mut self, blocks: usize) -> Result<()> {
+        if blocks < MIN_CACHE_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "a metadata cache of {blocks} blocks is too small: at least {MIN_CACHE_BLOCKS} blocks ({} KiB)",
+                MIN_CACHE_BLOCKS * BLOCK_SIZE / 1024
+            )));
+        }
+        self.reader.set_cache_capacity(blocks);
+        Ok(())
+    }
+
+    /// The limit set by [`Transaction::set_cache_limit`].
+    pub fn cache_limit(&self) -> usize {
+        self.reader.cache_capacity()
     }
 
     /// The limit set by [`Transaction::set_dirty_limit`].
@@ -771,5 +789,92 @@ impl Transaction {
     /// Number of blocks changed in the open transaction.
     pub fn nr_dirty(&self) -> usize {
         self.dirty.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinpool_io::MemDevice;
+
+    /// A committed transaction holding one tree of `n` keys (value = key * 3), and its root.
+    fn committed_tree(n: u64) -> (Transaction, u64) {
+        let dev = Arc::new(MemDevice::new(64 << 20));
+        let mut tx = Transaction::format(dev, 16384, 1000).unwrap();
+        let ops = PlainValue(8);
+        let mut root = btree::empty_tree(&mut tx, 8).unwrap();
+        for k in 0..n {
+            root = btree::insert(&mut tx, root, k, &(k * 3).to_le_bytes(), &ops)
+                .unwrap()
+                .0;
+        }
+        tx.commit_space_maps().unwrap();
+        tx.write_and_flush(Box::new([0u8; BLOCK_SIZE])).unwrap();
+        assert_eq!(tx.nr_dirty(), 0);
+        (tx, root)
+    }
+
+    #[test]
+    fn cache_stays_bounded_over_a_large_tree() {
+        let (mut tx, root) = committed_tree(200_000);
+        tx.set_cache_limit(MIN_CACHE_BLOCKS).unwrap();
+        assert!(tx.reader().cached_blocks() <= MIN_CACHE_BLOCKS);
+        let mut seen = 0u64;
+        btree::walk(&mut tx, root, 8, &mut |k, v| {
+            assert_eq!(le_u64(v, 0), k * 3);
+            seen += 1;
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, 200_000);
+        for k in (0..200_000).step_by(997) {
+            assert_eq!(btree::lookup_u64(&mut tx, root, k).unwrap(), Some(k * 3));
+            assert!(tx.reader().cached_blocks() <= MIN_CACHE_BLOCKS);
+        }
+        let stats = tx.reader().cache_stats();
+        // 200 000 eight-byte values need at least 200 000 / 254 leaves: the walk alone read
+        // far more blocks than the cache holds, so it must have evicted.
+        assert!(stats.misses > 4 * MIN_CACHE_BLOCKS as u64, "{stats:?}");
+        assert!(
+            stats.evictions >= stats.misses - MIN_CACHE_BLOCKS as u64,
+            "{stats:?}"
+        );
+        assert_eq!(tx.reader().cached_blocks(), MIN_CACHE_BLOCKS);
+    }
+
+    #[test]
+    fn repeated_lookups_of_a_hot_set_hit() {
+        let (mut tx, root) = committed_tree(200_000);
+        tx.set_cache_limit(MIN_CACHE_BLOCKS).unwrap();
+        let hot: Vec<u64> = (0..8).map(|i| i * 25_000 + 7).collect();
+        let mut cold = (0..200_000u64).step_by(331);
+        for round in 0..20 {
+            let before = tx.reader().cache_stats();
+            for &k in &hot {
+                assert_eq!(btree::lookup_u64(&mut tx, root, k).unwrap(), Some(k * 3));
+            }
+            let after = tx.reader().cache_stats();
+            if round > 0 {
+                assert_eq!(
+                    after.misses, before.misses,
+                    "round {round}: hot lookups missed"
+                );
+            }
+            // Lookups elsewhere in between, a few leaves each round.
+            for _ in 0..10 {
+                let k = cold.next().unwrap();
+                assert_eq!(btree::lookup_u64(&mut tx, root, k).unwrap(), Some(k * 3));
+            }
+        }
+    }
+
+    #[test]
+    fn cache_limit_below_the_minimum_is_refused() {
+        let (mut tx, _) = committed_tree(10);
+        let err = tx.set_cache_limit(MIN_CACHE_BLOCKS - 1).unwrap_err();
+        assert!(err.to_string().contains("too small"), "{err}");
+        assert_eq!(tx.cache_limit(), DEFAULT_CACHE_BLOCKS);
+        tx.set_cache_limit(100).unwrap();
+        assert_eq!(tx.cache_limit(), 100);
     }
 }

@@ -149,6 +149,10 @@ impl DeviceCache {
     }
 }
 
+/// Cache sizes in 4 KiB blocks: the default of an open pool and the smallest accepted by
+/// [`ThinMetadata::set_cache_limit`].
+pub use thinpool_pdata::transaction::{DEFAULT_CACHE_BLOCKS, MIN_CACHE_BLOCKS};
+
 /// The dm-thin metadata of one pool, open for reading and writing.
 pub struct ThinMetadata {
     tx: Transaction,
@@ -842,8 +846,10 @@ impl ThinMetadata {
     pub fn abort(&mut self) -> Result<()> {
         let dev = self.tx.device().clone();
         let limit = self.tx.dirty_limit();
+        let cache = self.tx.cache_limit();
         *self = ThinMetadata::open(dev)?;
         self.tx.set_dirty_limit(limit);
+        self.tx.set_cache_limit(cache)?;
         Ok(())
     }
 
@@ -883,6 +889,19 @@ impl ThinMetadata {
     /// early (see `Transaction::set_dirty_limit`).
     pub fn set_dirty_limit(&mut self, blocks: usize) {
         self.tx.set_dirty_limit(blocks);
+    }
+
+    /// Bound the cache of clean metadata blocks to `blocks` 4 KiB blocks (default
+    /// `thinpool_pdata::transaction::DEFAULT_CACHE_BLOCKS`); refused below
+    /// `MIN_CACHE_BLOCKS`. Kept across [`ThinMetadata::abort`].
+    pub fn set_cache_limit(&mut self, blocks: usize) -> Result<()> {
+        Ok(self.tx.set_cache_limit(blocks)?)
+    }
+
+    /// Blocks in the clean-block cache now, and hits and misses since the open.
+    pub fn cache_usage(&mut self) -> (usize, thinpool_pdata::cache::CacheStats) {
+        let r = self.tx.reader();
+        (r.cached_blocks(), r.cache_stats())
     }
 
     /// Number of metadata blocks changed in the open transaction.
