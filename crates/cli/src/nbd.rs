@@ -93,6 +93,17 @@ pub fn serve(root: &Path, opts: DaemonOptions) -> Result<i32> {
             eprintln!("thinpool: serving NBD on nbd://{addr}/NAME");
         }
     }
+    if let Some(f) = daemon.fuse() {
+        eprintln!(
+            "thinpool: serving volumes as files in {}",
+            f.mount_dir().display()
+        );
+    }
+    if let Some(why) = daemon.fuse_unavailable() {
+        eprintln!(
+            "thinpool: not serving volumes as files: {why}; NBD goes on (--no-fuse skips FUSE)"
+        );
+    }
     if let Some(addr) = daemon.metrics_addr() {
         eprintln!("thinpool: serving metrics on http://{addr}/metrics");
     }

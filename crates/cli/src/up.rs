@@ -1,8 +1,8 @@
 //! `thinpool up`: the main job. Runs the daemon on the root, creating the pool on first use
 //! with Docker's devicemapper defaults (sparse 100 GiB data, 2 GiB metadata, 64 KiB blocks),
-//! serving NBD on `ROOT/nbd.sock` and the control API on `ROOT/control.sock`. Settings come
-//! from flags, then from a TOML file (`--config`, else `ROOT/thinpool.toml` if present), then
-//! the defaults.
+//! serving NBD on `ROOT/nbd.sock`, every volume as a file in `ROOT/files` (FUSE) and the
+//! control API on `ROOT/control.sock`. Settings come from flags, then from a TOML file
+//! (`--config`, else `ROOT/thinpool.toml` if present), then the defaults.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,13 @@ pub struct UpArgs {
     /// How long a write waits for space when the pool is full (seconds; default 60).
     #[arg(long, value_name = "SECS")]
     no_space_timeout: Option<u64>,
+    /// Serve every volume as a file in DIR (FUSE; default ROOT/files). Given explicitly,
+    /// `up` fails when FUSE is unavailable instead of going on with NBD only.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_fuse")]
+    fuse_dir: Option<PathBuf>,
+    /// Do not serve volumes as files (no FUSE mount).
+    #[arg(long)]
+    no_fuse: bool,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -54,6 +61,8 @@ struct FileConfig {
     snapshots_read_only: Option<bool>,
     error_if_no_space: Option<bool>,
     no_space_timeout: Option<u64>,
+    fuse_dir: Option<PathBuf>,
+    fuse: Option<bool>,
 }
 
 /// A size in the config file: bytes, or a string with a unit ("100G").
@@ -126,6 +135,16 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
     }
     opts.create = Some(create);
     opts.metrics = serve.metrics;
+    if !a.no_fuse && (a.fuse_dir.is_some() || fc.fuse != Some(false)) {
+        let dir = a.fuse_dir.or(fc.fuse_dir);
+        opts.fuse_required = dir.is_some() || fc.fuse == Some(true);
+        let dir = dir.unwrap_or_else(|| root.join("files"));
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        let mut f = thinpool_fuse::FuseConfig::new(dir);
+        f.read_only = serve.read_only;
+        f.snapshots_read_only = serve.snapshots_read_only;
+        opts.fuse = Some(f);
+    }
     opts.nbd = Some(serve.config(root));
     crate::nbd::serve(root, opts)
 }

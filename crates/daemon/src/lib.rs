@@ -9,6 +9,9 @@
 //!   `<root>/control.sock` (mode 0600; peers of another user are refused, root excepted).
 //!   [`Daemon::pool`] hands the open pool to front-ends; [`Daemon::stop`] stops serving,
 //!   removes the socket, commits and closes the pool.
+//! - With [`DaemonOptions::fuse`], every volume is also a file in a FUSE mount
+//!   (`thinpool-fuse`; [`Daemon::fuse`]). Where FUSE is unavailable the daemon goes on without
+//!   it ([`Daemon::fuse_unavailable`] says why) unless [`DaemonOptions::fuse_required`].
 //! - With [`DaemonOptions::metrics`], `GET /metrics` answers in the OpenMetrics text format
 //!   on a loopback TCP address ([`Daemon::metrics_addr`]), read from the pool at each scrape.
 //! - [`ShutdownSignals`] / [`wait_for_shutdown_signal`]: block until SIGTERM or SIGINT.
@@ -51,6 +54,7 @@ use std::sync::Arc;
 
 use thinpool_control::Client;
 use thinpool_engine::{Pool, PoolConfig, PoolOptions};
+use thinpool_fuse::{FuseConfig, FuseServer};
 use thinpool_nbd::{NbdConfig, NbdServer};
 
 pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
@@ -123,6 +127,9 @@ pub enum Error {
     /// The NBD server could not start.
     #[error(transparent)]
     Nbd(#[from] thinpool_nbd::Error),
+    /// The FUSE export could not start.
+    #[error(transparent)]
+    Fuse(#[from] thinpool_fuse::Error),
     /// Installing the signal handlers failed.
     #[error("installing the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
@@ -167,6 +174,11 @@ pub struct DaemonOptions {
     pub pool: PoolOptions,
     /// Serve the pool's volumes over NBD (see `thinpool-nbd`).
     pub nbd: Option<NbdConfig>,
+    /// Serve every volume as a file in a FUSE mount (see `thinpool-fuse`).
+    pub fuse: Option<FuseConfig>,
+    /// Fail to start when FUSE is unavailable (the user asked for the mount); otherwise the
+    /// daemon goes on without it. A bad mount folder fails either way.
+    pub fuse_required: bool,
     /// Create the pool with this configuration when the root has none yet (no `pool/`
     /// folder). A root whose `pool/` lacks a file is an error, never re-created.
     pub create: Option<PoolConfig>,
@@ -185,6 +197,9 @@ pub struct Daemon {
     /// `Some` until stopped.
     server: Option<ControlServer>,
     nbd: Option<NbdServer>,
+    fuse: Option<FuseServer>,
+    /// Why FUSE is not served, when it was asked for and is unavailable.
+    fuse_unavailable: Option<String>,
     metrics: Option<MetricsServer>,
 }
 
@@ -291,11 +306,23 @@ impl Daemon {
             pool: Some(pool),
             server: Some(server),
             nbd: None,
+            fuse: None,
+            fuse_unavailable: None,
             metrics: None,
         };
         if let Some(cfg) = &opts.nbd {
             // On failure, dropping the daemon stops the control server and closes the pool.
             daemon.nbd = Some(NbdServer::start(daemon.pool(), cfg)?);
+        }
+        if let Some(cfg) = &opts.fuse {
+            match FuseServer::start(daemon.pool(), cfg) {
+                Ok(f) => daemon.fuse = Some(f),
+                Err(e) if e.is_unavailable() && !opts.fuse_required => {
+                    tracing::warn!("not serving volumes as files: {e}");
+                    daemon.fuse_unavailable = Some(e.to_string());
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if let Some(addr) = opts.metrics {
             daemon.metrics = Some(MetricsServer::start(daemon.pool(), addr)?);
@@ -321,6 +348,16 @@ impl Daemon {
         self.nbd.as_ref()
     }
 
+    /// The FUSE export, when one was asked for and is served.
+    pub fn fuse(&self) -> Option<&FuseServer> {
+        self.fuse.as_ref()
+    }
+
+    /// Why the FUSE export asked for is not served (FUSE unavailable here), if so.
+    pub fn fuse_unavailable(&self) -> Option<&str> {
+        self.fuse_unavailable.as_deref()
+    }
+
     /// The address the metrics endpoint listens on, when one was asked for (with the real
     /// port when port 0 was given).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -337,9 +374,9 @@ impl Daemon {
         &self.socket_path
     }
 
-    /// Stop: refuse new control connections, close the open ones (a request in progress
-    /// finishes first), remove the socket, then commit and close the pool. Blocks until all
-    /// of that is done. Fails with [`Error::PoolStillShared`] (after committing) when clones
+    /// Stop: unmount the volumes' files, stop NBD, refuse new control connections, close the
+    /// open ones (a request in progress finishes first), remove the socket, then commit and
+    /// close the pool. Blocks until all of that is done. Fails with [`Error::PoolStillShared`] (after committing) when clones
     /// of [`Daemon::pool`] are still alive.
     pub fn stop(mut self) -> Result<()> {
         self.shutdown()
@@ -347,7 +384,10 @@ impl Daemon {
 
     fn shutdown(&mut self) -> Result<()> {
         // Front-ends first: the requests they already read are answered, then they let go
-        // of the pool.
+        // of the pool. The volumes' files are unmounted before the pool closes.
+        if let Some(fuse) = self.fuse.take() {
+            fuse.stop();
+        }
         if let Some(nbd) = self.nbd.take() {
             nbd.stop();
         }
