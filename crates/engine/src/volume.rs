@@ -123,10 +123,20 @@ impl Volume {
         Ok(())
     }
 
+    /// The error of every I/O on a failed pool (the abort of a failed metadata operation
+    /// could not read the last commit back), naming the failure as the pool's other errors do.
+    fn failed(&self, st: &MetaState) -> Error {
+        Error::ReadOnly(format!(
+            "the pool in {} is failed since a metadata operation failed: {}",
+            self.inner.root.display(),
+            st.failure.as_deref().unwrap_or("cause not recorded")
+        ))
+    }
+
     fn lookup(&self, vblock: u64) -> Result<Option<thinpool_thin::metadata::Lookup>> {
         let mut st = self.inner.md();
         if st.mode == PoolMode::Fail {
-            return Err(Error::ReadOnly("the pool has failed".into()));
+            return Err(self.failed(&st));
         }
         Ok(st.md.find_block(self.vs.thin, vblock)?)
     }
@@ -172,7 +182,7 @@ impl Volume {
         let mapped: Vec<Option<u64>> = {
             let mut st = self.inner.md();
             if st.mode == PoolMode::Fail {
-                return Err(Error::ReadOnly("the pool has failed".into()));
+                return Err(self.failed(&st));
             }
             pieces
                 .iter()
@@ -232,8 +242,19 @@ impl Volume {
     /// Commit, then fail once if an abort dropped uncommitted changes since this handle's last
     /// flush: those writes were acknowledged but are gone, and a flush must not say they are
     /// durable (like an `fsync` reporting a write-back error once per open file).
+    ///
+    /// A flush whose own commit fails reports the loss itself: the aborts up to the one that
+    /// commit made (at most one more than counted before it) are seen, and the next flush,
+    /// with space back, does not fail for them again. An abort after it (the commit timer's)
+    /// may drop writes made since, so it still counts.
     fn commit_and_report(&self) -> Result<()> {
-        self.inner.commit()?;
+        let before = self.inner.md().dropped.0;
+        if let Err(e) = self.inner.commit() {
+            let now = self.inner.md().dropped.0;
+            self.seen_dropped
+                .fetch_max(now.min(before + 1), Ordering::SeqCst);
+            return Err(e);
+        }
         let (dropped, why) = self.inner.md().dropped.clone();
         if self.seen_dropped.swap(dropped, Ordering::SeqCst) != dropped {
             return Err(Error::NoSpace(format!(

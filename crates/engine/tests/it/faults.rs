@@ -13,6 +13,12 @@
 //! - the metadata on "disk" passes `thin_check` and our check after close.
 //!
 //! `THINPOOL_FAULT_CASES` (default 150) cases; seed printed (`THINPOOL_TEST_SEED`).
+//!
+//! And one set piece: a metadata device that stops taking writes but still reads (a disk
+//! failing writes, a host file system gone bad for writes only). The commit of a flush fails,
+//! the abort reads the last commit back, the pool goes read-only; then a new handle (a new NBD
+//! client) opens the volume and reads everything flushed, while writes that need metadata and
+//! every flush fail with errors naming the cause, and the status shows it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -327,4 +333,241 @@ fn one_failed_io_then_the_pool_goes_on() {
         fired * 2 > cases,
         "too few faults fired: {fired} of {cases}"
     );
+}
+
+/// A memory device whose writes and syncs fail with EIO while `broken` is set, and its reads
+/// too while `reads_broken` is.
+struct WritesFail {
+    inner: Arc<MemDevice>,
+    broken: Arc<AtomicBool>,
+    reads_broken: Arc<AtomicBool>,
+}
+
+impl WritesFail {
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> thinpool_io::Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(thinpool_io::Error::Io {
+                device: "metadata".into(),
+                op,
+                offset,
+                len,
+                source: std::io::Error::from_raw_os_error(5), // EIO
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for WritesFail {
+    fn name(&self) -> &str {
+        "metadata"
+    }
+    fn size(&self) -> thinpool_io::Result<u64> {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
+        if self.reads_broken.load(Ordering::SeqCst) {
+            self.check("read", offset, buf.len() as u64)?;
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
+        self.check("write", offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> thinpool_io::Result<()> {
+        self.check("sync", 0, 0)?;
+        self.inner.sync()
+    }
+    fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
+        self.check("resize", size, 0)?;
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
+        self.check("punch hole", offset, len)?;
+        self.inner.punch_hole(offset, len)
+    }
+}
+
+#[test]
+fn after_a_read_only_abort_new_handles_read_what_was_flushed_and_errors_name_the_cause() {
+    use thinpool_engine::PoolMode;
+    let dir = tempfile::tempdir().unwrap();
+    let data = Arc::new(MemDevice::new(DATA_BLOCKS * BS));
+    let meta = Arc::new(MemDevice::new(4 << 20));
+    let broken = Arc::new(AtomicBool::new(false));
+    let meta_dev = Arc::new(WritesFail {
+        inner: meta.clone(),
+        broken: broken.clone(),
+        reads_broken: Arc::new(AtomicBool::new(false)),
+    });
+    let pool = Pool::create_on(dir.path(), data.clone(), meta_dev, BS, opts()).unwrap();
+    pool.create_volume("v", VOL_BLOCKS * BS).unwrap();
+    let v = pool.open_volume("v").unwrap();
+    let block = |id: u64, b: u64| pattern(id, b * BS, BS as usize);
+    for b in 0..8 {
+        v.write_at(&block(1, b), b * BS).unwrap();
+    }
+    v.flush().unwrap();
+    // Acknowledged, never flushed: new mappings.
+    for b in 8..12 {
+        v.write_at(&block(2, b), b * BS).unwrap();
+    }
+
+    broken.store(true, Ordering::SeqCst);
+    let e = v.flush().expect_err("a flush whose commit cannot write");
+    assert_eq!(
+        e.kind(),
+        ErrorKind::Io,
+        "a failed commit is an I/O error: {e}"
+    );
+    assert!(e.to_string().contains("metadata"), "names the device: {e}");
+
+    let st = pool.status().expect("status after the abort");
+    let failure = st.failure.clone().unwrap_or_default();
+    assert_eq!(st.mode, PoolMode::ReadOnly, "{st:?}");
+    assert!(
+        !st.needs_check,
+        "the abort read the last commit back: {st:?}"
+    );
+    assert!(
+        failure.starts_with("commit failed: ") && failure.contains("write of metadata"),
+        "status names the failed operation and the device: {failure:?}"
+    );
+
+    // A new client: opens the volume and reads what was flushed; the unflushed new mappings
+    // went with the aborted transaction.
+    let info = pool.volume_info("v").expect("volume info after the abort");
+    assert_eq!(info.mapped_blocks, 8, "{info:?}");
+    let fresh = pool.open_volume("v").expect("open after the abort");
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..12 {
+        fresh.read_at(&mut buf, b * BS).unwrap();
+        let want = if b < 8 {
+            block(1, b)
+        } else {
+            vec![0; BS as usize]
+        };
+        assert!(
+            buf == want,
+            "block {b} after the abort: {:?}",
+            first_diff(&buf, &want)
+        );
+    }
+
+    // Requests that need the metadata fail, naming the cause; so does every later flush.
+    for (who, h) in [("the old handle", &v), ("the new handle", &fresh)] {
+        let e = h
+            .write_at(&block(3, 20), 20 * BS)
+            .expect_err("a write that needs a new mapping");
+        assert_eq!(e.kind(), ErrorKind::ReadOnly, "{who}: {e}");
+        assert!(e.to_string().contains(&failure), "{who}: {e}");
+        for _ in 0..2 {
+            let e = h.flush().expect_err("a flush in read-only mode");
+            assert!(e.to_string().contains(&failure), "{who}: {e}");
+        }
+        assert!(pool.create_volume("w", BS).is_err(), "{who}");
+    }
+    drop((v, fresh));
+    assert!(
+        pool.close().is_err(),
+        "closing cannot commit a read-only pool"
+    );
+
+    // The disk works again: the pool opens at its last commit, the metadata is clean.
+    broken.store(false, Ordering::SeqCst);
+    let reopened = Pool::open_on(dir.path(), data.clone(), meta.clone(), opts()).unwrap();
+    let v = reopened.open_volume("v").unwrap();
+    for b in 0..12 {
+        v.read_at(&mut buf, b * BS).unwrap();
+        let want = if b < 8 {
+            block(1, b)
+        } else {
+            vec![0; BS as usize]
+        };
+        assert!(buf == want, "block {b} after the reopen");
+    }
+    drop(v);
+    reopened.close().unwrap();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), meta.to_bytes()).unwrap();
+    if have_tool("thin_check") {
+        thin_check(f.path()).unwrap();
+    }
+    our_check(meta.clone()).unwrap();
+}
+
+#[test]
+fn after_a_failed_abort_every_io_fails_naming_the_cause() {
+    use thinpool_engine::PoolMode;
+    let dir = tempfile::tempdir().unwrap();
+    let data = Arc::new(MemDevice::new(DATA_BLOCKS * BS));
+    let meta = Arc::new(MemDevice::new(4 << 20));
+    let broken = Arc::new(AtomicBool::new(false));
+    let reads_broken = Arc::new(AtomicBool::new(false));
+    let meta_dev = Arc::new(WritesFail {
+        inner: meta.clone(),
+        broken: broken.clone(),
+        reads_broken: reads_broken.clone(),
+    });
+    let pool = Pool::create_on(dir.path(), data.clone(), meta_dev, BS, opts()).unwrap();
+    pool.create_volume("v", VOL_BLOCKS * BS).unwrap();
+    let v = pool.open_volume("v").unwrap();
+    let block = |id: u64, b: u64| pattern(id, b * BS, BS as usize);
+    for b in 0..4 {
+        v.write_at(&block(1, b), b * BS).unwrap();
+    }
+    v.flush().unwrap();
+    v.write_at(&block(2, 5), 5 * BS).unwrap();
+
+    // A shut-down host file system: writes and reads of the metadata fail.
+    broken.store(true, Ordering::SeqCst);
+    reads_broken.store(true, Ordering::SeqCst);
+    let e = v.flush().expect_err("a flush whose commit cannot write");
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    let st = pool.status().expect("status of a failed pool");
+    let failure = st.failure.clone().unwrap_or_default();
+    assert_eq!(st.mode, PoolMode::Fail, "{st:?}");
+    assert!(
+        failure.contains("the last commit cannot be read back"),
+        "{failure:?}"
+    );
+    // Every I/O fails (the open transaction was not aborted: nothing may be read from it),
+    // and says why.
+    let mut buf = vec![0u8; BS as usize];
+    for b in [0, 5, 9] {
+        let e = v
+            .read_at(&mut buf, b * BS)
+            .expect_err("a read on a failed pool");
+        assert!(e.to_string().contains(&failure), "read of block {b}: {e}");
+    }
+    let e = v
+        .write_at(&block(3, 0), 0)
+        .expect_err("a write on a failed pool");
+    assert!(e.to_string().contains(&failure), "{e}");
+    let e = v.flush().expect_err("a flush on a failed pool");
+    assert!(e.to_string().contains(&failure), "{e}");
+    drop(v);
+    assert!(
+        pool.close().is_err(),
+        "a failed pool cannot commit on close"
+    );
+
+    // The device works again: the pool opens at its last commit, the metadata is clean.
+    broken.store(false, Ordering::SeqCst);
+    reads_broken.store(false, Ordering::SeqCst);
+    let reopened = Pool::open_on(dir.path(), data.clone(), meta.clone(), opts()).unwrap();
+    let v = reopened.open_volume("v").unwrap();
+    for b in 0..6 {
+        v.read_at(&mut buf, b * BS).unwrap();
+        let want = if b < 4 {
+            block(1, b)
+        } else {
+            vec![0; BS as usize]
+        };
+        assert!(buf == want, "block {b} after the reopen");
+    }
+    drop(v);
+    reopened.close().unwrap();
+    our_check(meta.clone()).unwrap();
 }
