@@ -113,9 +113,15 @@ pub enum MetaCommand {
         /// Data block size in sectors, if the superblock is unreadable.
         #[arg(long)]
         data_block_size: Option<u32>,
-        /// Number of data blocks, if the superblock is unreadable.
+        /// Number of data blocks, if the superblock is unreadable (taken as given: mappings
+        /// past it are dropped).
         #[arg(long)]
         nr_data_blocks: Option<u64>,
+        /// The pool's data file or device (for a thinpool pool: ROOT/pool/data; only read).
+        /// Its size checks the superblock's number of data blocks and replaces it when that
+        /// is absurd; without it, an absurd number is derived from the mappings alone.
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
     },
     /// Estimate the metadata size a pool needs (like thin_metadata_size).
     Size {
@@ -273,12 +279,15 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             transaction_id,
             data_block_size,
             nr_data_blocks,
+            data,
         } => {
             use thinpool_thin::repair::{SalvageOptions, repair};
+            let data_device_size = data.as_deref().map(data_size).transpose()?;
             let opts = SalvageOptions {
                 transaction_id,
                 data_block_size,
                 nr_data_blocks,
+                data_device_size,
             };
             let bar = progress(false, "repairing");
             let report = repair(open_ro(&input)?, open_rw(&output)?, &opts).with_context(|| {
@@ -287,6 +296,12 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             bar.finish_and_clear();
             for (dev, why) in &report.skipped {
                 eprintln!("thinpool: device {dev} could not be recovered: {why}");
+            }
+            if let Some(why) = &report.nr_data_blocks_derived {
+                match &data {
+                    Some(p) => eprintln!("thinpool: {why} [data device: {}]", p.display()),
+                    None => eprintln!("thinpool: {why}"),
+                }
             }
             for note in &report.notes {
                 tracing::info!("{note}");
@@ -382,6 +397,20 @@ fn open_ro(path: &Path) -> Result<Arc<dyn BlockDevice>> {
     Ok(Arc::new(
         FileDevice::open_read_only(path).with_context(|| format!("opening {}", path.display()))?,
     ))
+}
+
+/// Size in bytes of a pool's data file or block device (`meta repair --data`).
+fn data_size(path: &Path) -> Result<u64> {
+    if path.is_dir() {
+        bail!(
+            "--data {}: a directory, not a data file or device (a thinpool pool's data file is \
+             ROOT/pool/data)",
+            path.display()
+        );
+    }
+    open_ro(path)?
+        .size()
+        .with_context(|| format!("--data {}: reading its size", path.display()))
 }
 
 fn open_rw(path: &Path) -> Result<Arc<dyn BlockDevice>> {

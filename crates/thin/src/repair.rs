@@ -20,6 +20,11 @@
 //!    merged into maximal runs ([`RunBuilder`]). A device whose bottom tree is damaged (any
 //!    fault of section 4.2) is skipped and listed in the report; so is a device without a
 //!    mapping tree. A device with a mapping tree but no details is kept with zero times.
+//! 4. **Number of data blocks**: the superblock's, unless it is absurd (above 2^40, more
+//!    bitmaps than the metadata device has blocks, below the highest mapped data block + 1, or
+//!    beyond the data device when its size is given); then it is derived from the data
+//!    device's size and the mappings, and the report says so ([`derive_nr_data_blocks`]). No
+//!    mapping is dropped for it; only a number given as an option drops mappings past it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -32,7 +37,7 @@ use thinpool_pdata::transaction::{IndexEntry, MAX_METADATA_BITMAPS};
 use thinpool_pdata::{BLOCK_SIZE, BlockKind};
 
 use crate::ir::{self, Map, MetadataVisitor, RunBuilder};
-use crate::superblock::{DeviceDetails, NEEDS_CHECK, SUPERBLOCK_MAGIC, Superblock};
+use crate::superblock::{BlockTime, DeviceDetails, NEEDS_CHECK, SUPERBLOCK_MAGIC, Superblock};
 use crate::walk::{self, Reader};
 use crate::{Error, Result};
 
@@ -44,8 +49,12 @@ pub struct SalvageOptions {
     pub transaction_id: Option<u64>,
     /// Data block size in sectors.
     pub data_block_size: Option<u32>,
-    /// Number of data blocks.
+    /// Number of data blocks. Taken as given: mappings to blocks at or past it are dropped.
     pub nr_data_blocks: Option<u64>,
+    /// Size in bytes of the pool's data device (file or block device), when known. Without
+    /// [`nr_data_blocks`](Self::nr_data_blocks), the superblock's number of data blocks is
+    /// checked against it and, when absurd, derived from it (see [`derive_nr_data_blocks`]).
+    pub data_device_size: Option<u64>,
 }
 
 /// What [`salvage`] recovered and what it had to give up.
@@ -66,6 +75,10 @@ pub struct SalvageReport {
     pub nr_mappings: u64,
     /// Everything else worth telling the user (fields guessed, mappings dropped, ...).
     pub notes: Vec<String>,
+    /// The number of data blocks written into the repaired superblock.
+    pub nr_data_blocks: u64,
+    /// When that number is not the superblock's: why, and what it was derived from.
+    pub nr_data_blocks_derived: Option<String>,
 }
 
 /// Salvage the metadata on `input` into `v` with no overrides: see the module docs.
@@ -280,6 +293,8 @@ struct Mappings {
     runs: Vec<Map>,
     count: u64,
     max_time: u32,
+    /// Highest mapped data block + 1 (0 without mappings).
+    end: u64,
 }
 
 fn read_mappings(
@@ -293,6 +308,7 @@ fn read_mappings(
         runs: Vec::new(),
         count: 0,
         max_time: 0,
+        end: 0,
     };
     let mut rb = RunBuilder::default();
     walk::walk_mappings(r, root, dev, &mut |v, bt| {
@@ -302,6 +318,7 @@ fn read_mappings(
         }
         m.count += 1;
         m.max_time = m.max_time.max(bt.time);
+        m.end = m.end.max(bt.block + 1);
         if let Some(run) = rb.push(v, bt.block, bt.time) {
             m.runs.push(run);
         }
@@ -372,9 +389,12 @@ where
         Some(sb) => sb.clone(),
         None => guess_superblock(&raw, scan.as_ref(), opts, &mut report)?,
     };
-    let nr_data = opts
-        .nr_data_blocks
-        .unwrap_or(sb_fields.data_sm_root.nr_blocks);
+    // Mappings are read up to the number of data blocks the user gave, else up to the most a
+    // mapping can address; the superblock's number is judged once the mappings are known.
+    let limit = opts.nr_data_blocks.unwrap_or(BlockTime::MAX_BLOCK + 1);
+    // What the superblock says; None when it cannot say (a held copy's is always 0).
+    let stated =
+        (good_sb.is_some() || raw_is_sane(&raw)).then_some(sb_fields.data_sm_root.nr_blocks);
 
     if let Some(scan) = &mut scan {
         if good_sb.is_none() {
@@ -400,7 +420,7 @@ where
         }
         if top.is_none() {
             report.mappings_from_scan = true;
-            top = Some(pool_top_level(&mut r, scan, details.as_ref(), nr_data));
+            top = Some(pool_top_level(&mut r, scan, details.as_ref(), limit));
         }
     }
     let details = details.unwrap_or_default();
@@ -429,7 +449,7 @@ where
             ));
             continue;
         };
-        let m = match read_mappings(&mut r, root, id, nr_data, &mut dropped) {
+        let m = match read_mappings(&mut r, root, id, limit, &mut dropped) {
             Ok(m) => m,
             Err(e) => {
                 report
@@ -461,9 +481,25 @@ where
     }
     if dropped > 0 {
         report.notes.push(format!(
-            "{dropped} mappings to data blocks beyond nr_data_blocks {nr_data} were dropped"
+            "{dropped} mappings to data blocks beyond nr_data_blocks {limit} were dropped"
         ));
     }
+    let nr_data = match opts.nr_data_blocks {
+        Some(n) => n,
+        None => {
+            let mapped_end = devices.iter().map(|(_, _, m)| m.end).max().unwrap_or(0);
+            let (n, why) = derive_nr_data_blocks(&NrDataEvidence {
+                stated,
+                mapped_end,
+                data_block_bytes: u64::from(sb_fields.data_block_size) * 512,
+                data_device_size: opts.data_device_size,
+                metadata_blocks: r.nr_blocks(),
+            });
+            report.nr_data_blocks_derived = why;
+            n
+        }
+    };
+    report.nr_data_blocks = nr_data;
 
     let time = if good_sb.is_some() || raw_is_sane(&raw) {
         sb_fields.time
@@ -506,6 +542,95 @@ where
     v.superblock_e().map_err(Into::into)?;
     v.eof().map_err(Into::into)?;
     Ok(report)
+}
+
+/// What [`derive_nr_data_blocks`] judges the number of data blocks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NrDataEvidence {
+    /// The superblock's number (its data space map's `nr_blocks`); None if it cannot say.
+    pub stated: Option<u64>,
+    /// Highest mapped data block + 1, over every recovered device (0 without mappings).
+    pub mapped_end: u64,
+    /// Data block size in bytes.
+    pub data_block_bytes: u64,
+    /// Size of the data device in bytes, when known.
+    pub data_device_size: Option<u64>,
+    /// Blocks of the metadata device (each bitmap of the data space map takes one).
+    pub metadata_blocks: u64,
+}
+
+/// The number of data blocks for a repaired superblock, and when it is not the stated one,
+/// why and what it was derived from.
+///
+/// The stated number is kept unless it is absurd: unknown; more than a mapping can address
+/// (2^40); more bitmaps (one per 16 320 blocks) than the metadata device has blocks; below the
+/// highest mapped data block + 1; or beyond the data device, when its size is known. (A stated
+/// number below the data device's size is kept: the kernel grows the pool to its data device
+/// on activation.) An absurd number is replaced by the data device's size in blocks when it is
+/// known and covers every mapping, else by the highest mapped data block + 1, so that no
+/// mapping is lost (a data device smaller than that must be grown before the pool is used).
+pub fn derive_nr_data_blocks(e: &NrDataEvidence) -> (u64, Option<String>) {
+    let device_blocks = e
+        .data_device_size
+        .filter(|_| e.data_block_bytes > 0)
+        .map(|s| s / e.data_block_bytes);
+    let absurd = match e.stated {
+        None => Some("the superblock does not say (it is damaged)".to_string()),
+        Some(s) if s > BlockTime::MAX_BLOCK + 1 => Some(format!(
+            "the superblock says {s}, more than a mapping can address (2^40)"
+        )),
+        Some(s) if s.div_ceil(ENTRIES_PER_BITMAP) > e.metadata_blocks => Some(format!(
+            "the superblock says {s}, whose space map would need {} bitmap blocks, more than \
+             the metadata device's {} blocks",
+            s.div_ceil(ENTRIES_PER_BITMAP),
+            e.metadata_blocks
+        )),
+        Some(s) if s < e.mapped_end => Some(format!(
+            "the superblock says {s}, below the highest mapped data block ({}) + 1",
+            e.mapped_end - 1
+        )),
+        Some(s) => match (device_blocks, e.data_device_size) {
+            (Some(d), Some(bytes)) if s > d => Some(format!(
+                "the superblock says {s}, beyond the data device ({bytes} bytes, {d} blocks of \
+                 {} bytes)",
+                e.data_block_bytes
+            )),
+            _ => None,
+        },
+    };
+    let Some(absurd) = absurd else {
+        return (e.stated.unwrap_or(0), None);
+    };
+    let mapped = if e.mapped_end == 0 {
+        "no data block is mapped".to_string()
+    } else {
+        format!("the highest mapped data block is {}", e.mapped_end - 1)
+    };
+    let (n, from) = match (device_blocks, e.data_device_size) {
+        (Some(d), Some(bytes)) if d >= e.mapped_end => (
+            d,
+            format!(
+                "from the data device's size ({bytes} bytes / {} bytes a block; {mapped})",
+                e.data_block_bytes
+            ),
+        ),
+        (Some(d), Some(bytes)) => (
+            e.mapped_end,
+            format!(
+                "from the mappings ({mapped}); the data device has only {d} blocks ({bytes} \
+                 bytes): grow it to at least {} bytes before using the pool",
+                e.mapped_end.saturating_mul(e.data_block_bytes)
+            ),
+        ),
+        _ => (
+            e.mapped_end,
+            format!("from the mappings alone ({mapped}; the data device's size was not given)"),
+        ),
+    };
+    (
+        n,
+        Some(format!("nr_data_blocks: {absurd}; set to {n} {from}")),
+    )
 }
 
 fn raw_is_sane(raw: &Superblock) -> bool {
@@ -556,6 +681,8 @@ fn guess_superblock(
     match opts.nr_data_blocks {
         Some(n) => sb.data_sm_root.nr_blocks = n,
         // A held copy has no space maps: its nr_blocks is 0.
+        // The data device's size can stand in for it (see derive_nr_data_blocks).
+        None if opts.data_device_size.is_some() => {}
         None if base.is_none() || sb.data_sm_root.nr_blocks == 0 => missing.push("nr data blocks"),
         None => {}
     }
@@ -934,6 +1061,7 @@ mod tests {
                 transaction_id: Some(sb.transaction),
                 data_block_size: Some(sb.data_block_size),
                 nr_data_blocks: Some(sb.nr_data_blocks),
+                data_device_size: None,
             };
             let (evs, rep) = salvaged(&img, &opts);
             // Devices and mappings as dumped; the time is the latest one seen.
@@ -961,6 +1089,141 @@ mod tests {
             assert_eq!(evs, want, "{rep:?}");
             assert!(rep.details_from_scan || rep.mappings_from_scan);
         }
+    }
+
+    /// `img` with the superblock's number of data blocks set to `n`, checksum redone.
+    fn with_nr_data_blocks(img: &[u8], n: u64) -> Vec<u8> {
+        let mut img = img.to_vec();
+        let sb = block_mut(&mut img, 0);
+        put_u64(sb, 0x40, n);
+        stamp(sb, BlockKind::Superblock, 0);
+        img
+    }
+
+    #[test]
+    fn derive_nr_data_blocks_keeps_sane_numbers_and_replaces_absurd_ones() {
+        let e = NrDataEvidence {
+            stated: Some(1000),
+            mapped_end: 48,
+            data_block_bytes: 65536,
+            data_device_size: None,
+            metadata_blocks: 2048,
+        };
+        assert_eq!(derive_nr_data_blocks(&e), (1000, None));
+        // Smaller than the data device: kept (the kernel grows the pool on activation).
+        let dev = Some(1024 * 65536 + 100);
+        let d = NrDataEvidence {
+            data_device_size: dev,
+            ..e
+        };
+        assert_eq!(derive_nr_data_blocks(&d), (1000, None));
+        let cases = [
+            (
+                Some(1 << 60),
+                None,
+                48,
+                "more than a mapping can address (2^40)",
+            ),
+            (
+                Some(1 << 60),
+                dev,
+                1024,
+                "from the data device's size (67108964 bytes",
+            ),
+            (
+                Some(20),
+                None,
+                48,
+                "below the highest mapped data block (47) + 1",
+            ),
+            (Some(20), None, 48, "from the mappings alone"),
+            (Some(20), dev, 1024, "the highest mapped data block is 47"),
+            (
+                Some(1025),
+                dev,
+                1024,
+                "beyond the data device (67108964 bytes, 1024 blocks",
+            ),
+            // 2049 bitmaps would be needed: more than the metadata device's 2048 blocks.
+            (Some(2048 * 16320 + 1), None, 48, "2049 bitmap blocks"),
+            (None, dev, 1024, "the superblock does not say"),
+        ];
+        for (stated, size, want, says) in cases {
+            let (n, why) = derive_nr_data_blocks(&NrDataEvidence {
+                stated,
+                data_device_size: size,
+                ..e
+            });
+            let why = why.expect("derived");
+            assert_eq!(n, want, "{why}");
+            assert!(why.contains(says), "{why}");
+            assert!(why.contains(&format!("set to {want} ")), "{why}");
+        }
+        // A data device smaller than the mappings: every mapping is kept, and the user told.
+        let (n, why) = derive_nr_data_blocks(&NrDataEvidence {
+            stated: Some(1 << 50),
+            data_device_size: Some(10 * 65536),
+            ..e
+        });
+        assert_eq!(n, 48);
+        assert!(why.unwrap().contains("grow it to at least 3145728 bytes"));
+    }
+
+    #[test]
+    fn absurd_nr_data_blocks_is_derived_and_every_mapping_kept() {
+        let img = vector("snapshots");
+        let want = dumped(&img);
+        let Some(Ev::Sb(sb)) = want.first().cloned() else {
+            panic!()
+        };
+        let end = want
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Map(m) => Some(m.data_begin + m.len),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        assert!(end > 1, "the vector maps data blocks");
+        let bytes = u64::from(sb.data_block_size) * 512;
+        for (bad, data, expect) in [
+            (1u64 << 60, None, end),
+            (1 << 60, Some(sb.nr_data_blocks * bytes), sb.nr_data_blocks),
+            (end - 1, None, end),
+            (
+                end - 1,
+                Some(sb.nr_data_blocks * bytes + 7),
+                sb.nr_data_blocks,
+            ),
+        ] {
+            let opts = SalvageOptions {
+                data_device_size: data,
+                ..SalvageOptions::default()
+            };
+            let (evs, rep) = salvaged(&with_nr_data_blocks(&img, bad), &opts);
+            assert_eq!(rep.nr_data_blocks, expect);
+            assert!(rep.nr_data_blocks_derived.is_some(), "{rep:?}");
+            let mut sb2 = sb.clone();
+            sb2.nr_data_blocks = expect;
+            assert_eq!(evs[0], Ev::Sb(sb2), "{bad} {data:?}");
+            assert_eq!(evs[1..], want[1..], "{bad} {data:?}: every mapping kept");
+            // And the repaired pool holds them.
+            let out = Arc::new(thinpool_io::MemDevice::new(img.len() as u64));
+            repair(mem(with_nr_data_blocks(&img, bad)), out.clone(), &opts).unwrap();
+            assert_eq!(dumped(&out.to_bytes())[1..], want[1..]);
+        }
+        // A number given as an option is taken as given: mappings past it are dropped.
+        let opts = SalvageOptions {
+            nr_data_blocks: Some(end - 1),
+            ..SalvageOptions::default()
+        };
+        let (_, rep) = salvaged(&with_nr_data_blocks(&img, 1 << 60), &opts);
+        assert_eq!(rep.nr_data_blocks, end - 1);
+        assert!(rep.nr_data_blocks_derived.is_none());
+        assert!(
+            rep.notes.iter().any(|n| n.contains("were dropped")),
+            "{rep:?}"
+        );
     }
 
     #[test]
