@@ -1,20 +1,46 @@
 //! The host file system under the pool's sparse files fills up (issue 11), as it did under
-//! Docker's loop files: `thinpool up` runs on a pool in a 96 MiB ext4 (loop-mounted, so root
-//! only) holding a 20 MiB filler, and a client writes 120 MiB. The client must get ENOSPC (not
-//! EIO), the daemon must answer `pool status` and new clients throughout, and once the filler
-//! is deleted, writes and flushes work again without a restart; SIGTERM exits 0 and
-//! `thin_check` passes. `up` warns at start that the sparse files can outgrow the host.
+//! Docker's loop files. Two tests, both loop-mounting a small ext4 (root only):
+//!
+//! - the whole pool root in a 96 MiB ext4 holding a 20 MiB filler, a client writing 120 MiB:
+//!   the data file's growth hits ENOSPC;
+//! - only the metadata file (`up --metadata`) in an 8 MiB ext4 filled to its last 192 KiB,
+//!   the data file on the roomy scratch file system: batches of small scattered writes, each
+//!   followed by a flush, grow the mapping tree until the metadata file's growth hits ENOSPC.
+//!
+//! Either way the client's failing requests must fail with ENOSPC (not EIO), `pool status`
+//! must say the pool is writable and name the full host file system and the file, the daemon
+//! must answer and take new clients throughout, and once the filler is deleted, writes and
+//! flushes work again without a restart; every flushed write reads back (after a restart too),
+//! SIGTERM exits 0 and `thin_check` passes. `up` warns at start that the sparse files can
+//! outgrow the host.
+//!
+//! And the other failure of the host file system under the metadata file: it is shut down
+//! (`xfs_io -x -c shutdown`, as ext4 does itself on a journal error), so the metadata file's
+//! writes and reads fail with EIO. The next flush's commit fails with EIO; the abort cannot
+//! read the last commit back, so the pool fails (mode `fail`, as the kernel's dm-thin does
+//! when `dm_pool_abort_metadata` fails); `pool status` answers and names the cause; a new
+//! client is refused with an error naming the metadata file, without a hang; SIGTERM exits
+//! non-zero without writing anything; after a remount the pool opens, `thin_check` passes and
+//! every flushed write is there. (That reads still work after a read-only abort is shown on
+//! the engine, with a device that fails only writes: `crates/engine/tests/it/faults.rs`.)
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use thinpool_tests::nbd::qemu_io;
+use thinpool_tests::nbd::{CMD_FLUSH, CMD_READ, CMD_WRITE, RawClient, Server, qemu_io};
 use thinpool_tests::{
     require_tools, run, run_ok, scratch, skip_or_fail, text, thinpool_in, tool, zeroed_file,
 };
 
+const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
+/// The pool's block size (the default).
+const BS: u64 = 64 * KIB;
+/// NBD error values (the protocol's, Linux's numbers).
+const EIO: u32 = 5;
+const ENOSPC: u32 = 28;
 
 /// A loop-mounted file system, unmounted when dropped.
 struct Mounted(PathBuf);
@@ -142,4 +168,414 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
     );
     let check = run(tool("thin_check").arg(root.join("pool/metadata")));
     assert!(check.status.success(), "{}", text(&check.stderr));
+}
+
+/// A test that loop-mounts needs root; false (after saying why) when it must not run.
+fn can_loop_mount(tools: &[&str]) -> bool {
+    if !require_tools(tools) {
+        return false;
+    }
+    if text(&run_ok(Command::new("id").arg("-u")).stdout).trim() != "0" {
+        skip_or_fail("this test needs root (it loop-mounts a small ext4)");
+        return false;
+    }
+    true
+}
+
+/// A fresh ext4 of `size` bytes (no blocks reserved for root) mounted at `dir/name`.
+fn small_ext4(dir: &Path, name: &str, size: u64) -> Mounted {
+    let img = zeroed_file(&dir.join(format!("{name}.img")), size);
+    run_ok(tool("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img));
+    let mnt = dir.join(name);
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt),
+    );
+    Mounted(mnt)
+}
+
+/// Fill the file system holding `filler` until it is full, then give back `leave` bytes.
+fn fill_up(filler: &Path, leave: u64) {
+    let mut f = std::fs::File::create(filler).unwrap();
+    for chunk in [64 * KIB as usize, 1024] {
+        let bytes = vec![0xa5u8; chunk];
+        loop {
+            match f.write(&bytes) {
+                Ok(n) if n == chunk => {}
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling {}: {e}", filler.display()),
+            }
+        }
+    }
+    let len = f.metadata().unwrap().len();
+    f.set_len(len.saturating_sub(leave)).unwrap();
+    f.sync_all().unwrap();
+    run_ok(Command::new("sync").arg("-f").arg(filler));
+}
+
+/// `thinpool up ARGS` on `root` (stderr in `log`), waited for until it serves NBD and its
+/// control socket is there.
+fn start_up(root: &Path, args: &[&str], log: PathBuf) -> Server {
+    let mut all = vec!["up"];
+    all.extend_from_slice(args);
+    let up = Server::start(
+        thinpool_in(root, &all),
+        log,
+        Some(root.join("nbd.sock")),
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !root.join("control.sock").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "thinpool up made no control socket:\n{}",
+            up.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    up
+}
+
+fn client(root: &Path) -> RawClient {
+    let mut c = RawClient::connect(&root.join("nbd.sock"), 3);
+    c.go("v");
+    c
+}
+
+/// The 4 KiB that write `k` of batch `batch` puts at [`spot`]: distinct for every write.
+fn payload(batch: u64, k: u64) -> Vec<u8> {
+    let mut b = vec![(batch * 31 + k) as u8 | 1; 4096];
+    b[..8].copy_from_slice(&batch.to_le_bytes());
+    b[8..16].copy_from_slice(&k.to_le_bytes());
+    b
+}
+
+/// Writes per batch, and the stride between the pool blocks one batch writes: batch `b`'s
+/// write `k` goes into pool block `k * STRIDE + b`, so every batch touches the whole spread
+/// of the mapping tree and no two writes share a block.
+const PER_BATCH: u64 = 200;
+const STRIDE: u64 = 64;
+
+/// Where write `k` of batch `batch` goes (a 4 KiB piece of its own pool block).
+fn spot(batch: u64, k: u64) -> u64 {
+    (k * STRIDE + batch) * BS + (k % 16) * 4096
+}
+
+/// Send batch `batch` (16 writes in flight at a time), then flush, unless `flush` is false.
+/// Returns the error of every write (0 = done) and of the flush.
+fn write_batch(c: &mut RawClient, batch: u64, flush: bool) -> (Vec<u32>, Option<u32>) {
+    let mut errs = vec![u32::MAX; PER_BATCH as usize];
+    for group in (0..PER_BATCH).collect::<Vec<_>>().chunks(16) {
+        for &k in group {
+            c.request(CMD_WRITE, 0, k, spot(batch, k), 4096, &payload(batch, k));
+        }
+        for _ in group {
+            let (err, cookie) = c.simple_reply();
+            errs[cookie as usize] = err;
+        }
+    }
+    let flushed = flush.then(|| {
+        c.request(CMD_FLUSH, 0, u64::MAX, 0, 0, &[]);
+        let (err, cookie) = c.simple_reply();
+        assert_eq!(cookie, u64::MAX, "flush reply");
+        err
+    });
+    (errs, flushed)
+}
+
+/// Read back batch `batch`; the writes that do not read as written (by index), or an error.
+fn check_batch(c: &mut RawClient, batch: u64) -> Result<Vec<u64>, String> {
+    let mut wrong = Vec::new();
+    for k in 0..PER_BATCH {
+        c.request(CMD_READ, 0, k, spot(batch, k), 4096, &[]);
+        let (err, cookie) = c.simple_reply();
+        if err != 0 {
+            return Err(format!(
+                "read of batch {batch} write {k} failed with error {err}"
+            ));
+        }
+        assert_eq!(cookie, k);
+        if c.read_n(4096) != payload(batch, k) {
+            wrong.push(k);
+        }
+    }
+    Ok(wrong)
+}
+
+#[test]
+fn a_full_host_file_system_under_the_metadata_file_gives_enospc_and_the_pool_recovers() {
+    if !can_loop_mount(&["mkfs.ext4", "nbdinfo", "thin_check"]) {
+        return;
+    }
+    let dir = scratch();
+    let fs = small_ext4(dir.path(), "mnt", 8 * MIB);
+    let meta = zeroed_file(&fs.0.join("metadata"), 16 * MIB);
+    let filler = fs.0.join("filler");
+    let root = dir.path().join("root");
+    let meta_arg = meta.to_str().unwrap();
+    let up = start_up(
+        &root,
+        &["--data-size", "1G", "--metadata", meta_arg],
+        dir.path().join("up.log"),
+    );
+    run_ok(&mut thinpool_in(
+        &root,
+        &["vol", "create", "v", "--size", "1G"],
+    ));
+    let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
+
+    // Batch 0 with room to spare; then the metadata file's file system keeps 192 KiB.
+    let mut c = client(&root);
+    let (errs, flush) = write_batch(&mut c, 0, true);
+    assert!(
+        errs.iter().all(|&e| e == 0) && flush == Some(0),
+        "batch 0, before the host file system was filled: writes {errs:?}, flush {flush:?}"
+    );
+    fill_up(&filler, 192 * KIB);
+    let meta_blocks = |p: &Path| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    let at_fill = meta_blocks(&meta);
+
+    // Batches until one fails: the ones flushed before it must read back.
+    let mut flushed = vec![0];
+    let (failed_batch, errs, flush) = loop {
+        let b = flushed.len() as u64;
+        assert!(
+            b < STRIDE,
+            "{b} batches of {PER_BATCH} scattered writes and no error: the metadata file grew \
+             from {at_fill} to {} bytes allocated without hitting ENOSPC",
+            meta_blocks(&meta)
+        );
+        let (errs, flush) = write_batch(&mut c, b, true);
+        if errs.iter().any(|&e| e != 0) || flush != Some(0) {
+            break (b, errs, flush);
+        }
+        flushed.push(b);
+    };
+    let failed: Vec<u32> = errs
+        .iter()
+        .copied()
+        .chain(flush)
+        .filter(|&e| e != 0)
+        .collect();
+    eprintln!(
+        "batch {failed_batch} failed ({} of {PER_BATCH} writes, flush error {flush:?}) after {} \
+         batches flushed; the metadata file took {at_fill} bytes at the fill, {} now",
+        errs.iter().filter(|&&e| e != 0).count(),
+        flushed.len(),
+        meta_blocks(&meta)
+    );
+    assert!(
+        failed.iter().all(|&e| e == ENOSPC),
+        "every failed request must fail with ENOSPC ({ENOSPC}), not EIO ({EIO}) or another \
+         error: writes {errs:?}, flush {flush:?}\n{}",
+        up.log_text()
+    );
+    assert!(
+        flushed.len() > 1,
+        "the first batch on the filled file system failed: no batch was flushed there"
+    );
+
+    // Still full: the daemon answers, the pool is writable and says why requests fail, new
+    // clients connect and read what was flushed.
+    let st = status(&root);
+    assert_eq!(st["mode"], "rw", "{st}");
+    let failure = st["failure"].as_str().unwrap_or_default();
+    let link = root.join("pool/metadata");
+    assert!(
+        failure.starts_with("host file system full: ")
+            && (failure.contains(meta_arg) || failure.contains(link.to_str().unwrap())),
+        "pool status must name the full host file system and the metadata file: {st}"
+    );
+    run_ok(tool("nbdinfo").arg(&uri));
+    let mut reader = client(&root);
+    for &b in &flushed {
+        assert_eq!(
+            check_batch(&mut reader, b),
+            Ok(vec![]),
+            "flushed batch {b} does not read back while the host is full"
+        );
+    }
+    drop(reader);
+
+    // Space again: the same connection writes and flushes, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    run_ok(Command::new("sync").arg("-f").arg(&fs.0));
+    let (errs, flush) = write_batch(&mut c, failed_batch, true);
+    assert!(
+        errs.iter().all(|&e| e == 0),
+        "writes after the host has space again: {errs:?}"
+    );
+    // Its failed flush reported the loss: this one must not fail for it again.
+    assert_eq!(
+        flush,
+        Some(0),
+        "the first flush on the same connection once there is space"
+    );
+    flushed.push(failed_batch);
+    // And a new client.
+    let mut c2 = client(&root);
+    let next = failed_batch + 1;
+    let (errs, flush) = write_batch(&mut c2, next, true);
+    assert!(
+        errs.iter().all(|&e| e == 0) && flush == Some(0),
+        "a new client once there is space: writes {errs:?}, flush {flush:?}"
+    );
+    flushed.push(next);
+    drop((c, c2));
+    let st = status(&root);
+    assert_eq!(
+        (&st["mode"], &st["failure"]),
+        (&"rw".into(), &serde_json::Value::Null),
+        "{st}"
+    );
+    up.stop();
+
+    // Every flushed batch is there after a restart; the metadata passes thin_check.
+    let up = start_up(&root, &[], dir.path().join("up-2.log"));
+    let mut c = client(&root);
+    for &b in &flushed {
+        assert_eq!(
+            check_batch(&mut c, b),
+            Ok(vec![]),
+            "flushed batch {b} after a restart"
+        );
+    }
+    drop(c);
+    up.stop();
+    let check = run(tool("thin_check").arg(&meta));
+    assert!(
+        check.status.success(),
+        "thin_check {}: {}",
+        meta.display(),
+        text(&check.stderr)
+    );
+}
+
+/// `OPT_GO` for `name` on a new connection: the server's final reply type and its message.
+#[allow(clippy::big_endian_bytes)] // NBD is big-endian on the wire
+fn go_reply(root: &Path, name: &str) -> (u32, String) {
+    let mut c = RawClient::connect(&root.join("nbd.sock"), 3);
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.option(thinpool_tests::nbd::OPT_GO, &d);
+    let replies = c.opt_replies();
+    let last = replies.last().expect("at least one reply");
+    (last.kind, String::from_utf8_lossy(&last.data).into_owned())
+}
+
+#[test]
+fn a_shut_down_host_file_system_under_the_metadata_file_fails_the_pool_cleanly() {
+    if !can_loop_mount(&["mkfs.ext4", "xfs_io", "thin_check"]) {
+        return;
+    }
+    let dir = scratch();
+    let fs = small_ext4(dir.path(), "mnt", 16 * MIB);
+    let meta = zeroed_file(&fs.0.join("metadata"), 16 * MIB);
+    let root = dir.path().join("root");
+    let meta_arg = meta.to_str().unwrap();
+    let mut up = start_up(
+        &root,
+        &["--data-size", "1G", "--metadata", meta_arg],
+        dir.path().join("up.log"),
+    );
+    run_ok(&mut thinpool_in(
+        &root,
+        &["vol", "create", "v", "--size", "1G"],
+    ));
+    let mut c = client(&root);
+    let (errs, flush) = write_batch(&mut c, 0, true);
+    assert!(
+        errs.iter().all(|&e| e == 0) && flush == Some(0),
+        "batch 0, before the shutdown: writes {errs:?}, flush {flush:?}"
+    );
+
+    run_ok(tool("xfs_io").args(["-x", "-c", "shutdown"]).arg(&fs.0));
+    // The writes need no metadata I/O yet (the mapping changes stay in memory until the
+    // commit); the flush's commit cannot write the metadata file.
+    let (errs, flush) = write_batch(&mut c, 1, true);
+    eprintln!(
+        "after the shutdown: {} of {PER_BATCH} writes failed, the flush with error {flush:?}",
+        errs.iter().filter(|&&e| e != 0).count()
+    );
+    assert!(
+        errs.iter().chain(&flush).all(|&e| e == 0 || e == EIO) && flush == Some(EIO),
+        "a failed metadata commit is EIO ({EIO}): writes {errs:?}, flush {flush:?}\n{}",
+        up.log_text()
+    );
+    // Later requests fail too, naming no success: a flush, a read of flushed data.
+    c.request(CMD_FLUSH, 0, 1, 0, 0, &[]);
+    let (flush_err, _) = c.simple_reply();
+    c.request(CMD_READ, 0, 2, spot(0, 0), 4096, &[]);
+    let (read_err, _) = c.simple_reply();
+    eprintln!("then a flush: error {flush_err}; a read of flushed data: error {read_err}");
+    assert!(
+        flush_err != 0 && read_err != 0,
+        "a flush and a read after the pool failed (the kernel fails every I/O)"
+    );
+
+    // The daemon answers; the status names the failed commit, the file and why the pool
+    // could not go on read-only.
+    let st = status(&root);
+    eprintln!("pool status after the shutdown: {st}");
+    let failure = st["failure"].as_str().unwrap_or_default();
+    let link = root.join("pool/metadata");
+    let names_file = failure.contains(meta_arg) || failure.contains(link.to_str().unwrap());
+    assert!(
+        st["mode"] == "fail"
+            && failure.starts_with("commit failed (")
+            && failure.contains("the last commit cannot be read back")
+            && names_file,
+        "pool status after the shutdown: {st}"
+    );
+    // A new client: a clean refusal that names the metadata file, not a hang or a hang-up.
+    let (kind, msg) = go_reply(&root, "v");
+    eprintln!("a new client's NBD_OPT_GO: reply {kind:#x}: {msg}");
+    assert!(
+        kind & 0x8000_0000 != 0 && (msg.contains(meta_arg) || msg.contains(link.to_str().unwrap())),
+        "a new client after the shutdown: reply {kind:#x} {msg:?}"
+    );
+    assert!(up.is_running(), "the daemon must keep running");
+
+    // SIGTERM: the final commit cannot happen; nothing is written.
+    drop(c);
+    let st = up.terminate();
+    let log = up.log_text();
+    eprintln!("thinpool up after SIGTERM: {st}");
+    assert!(
+        st.code().is_some() && log.contains("daemon stopped"),
+        "thinpool up must stop on SIGTERM, not crash ({st}):\n{log}"
+    );
+    drop(up);
+
+    // Remount (the journal is replayed): the pool opens at its last commit.
+    let img = dir.path().join("mnt.img");
+    run_ok(Command::new("umount").arg(&fs.0));
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&fs.0),
+    );
+    let check = run(tool("thin_check").arg(&meta));
+    assert!(
+        check.status.success(),
+        "thin_check {} after the remount: {}",
+        meta.display(),
+        text(&check.stderr)
+    );
+    let up = start_up(&root, &[], dir.path().join("up-2.log"));
+    let mut c = client(&root);
+    assert_eq!(check_batch(&mut c, 0), Ok(vec![]), "flushed batch 0");
+    drop(c);
+    up.stop();
+    drop(fs);
 }
