@@ -21,6 +21,8 @@
 //! - `meta_repair`: `thinpool meta repair` of a superblock with an absurd `nr_data_blocks`: derived
 //!   from the mappings and the data file; thin_check and thin_dump on the result.
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
+//! - `soak`: kill -9 soak: self-checking NBD writes over many connections, SIGKILL at a random
+//!   moment, restart, every flushed write read back, `thin_check` (`THINPOOL_SOAK_ROUNDS`).
 //! - `private`: pool files private whatever the umask; looking commands and NEEDS_CHECK pools
 //!   write nothing.
 //! - `up`: `thinpool up` as a user drives it (NBD writes, snapshots, growing under fio, JSON
