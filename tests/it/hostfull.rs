@@ -21,8 +21,14 @@
 //! when `dm_pool_abort_metadata` fails); `pool status` answers and names the cause; a new
 //! client is refused with an error naming the metadata file, without a hang; SIGTERM exits
 //! non-zero without writing anything; after a remount the pool opens, `thin_check` passes and
-//! every flushed write is there. (That reads still work after a read-only abort is shown on
-//! the engine, with a device that fails only writes: `crates/engine/tests/it/faults.rs`.)
+//! every flushed write is there.
+//!
+//! And a metadata device that fails writes but still reads: a loop device over a file on a
+//! full tmpfs (the loop driver's failed writes reach `fsync` of the block device as EIO,
+//! like a disk that fails writes). A commit fails, the abort reads the last commit back, the
+//! pool goes read-only (mode `ro`) with the cause in `pool status`; new clients connect and
+//! read every flushed write, writes that need a new mapping and flushes fail; after the
+//! device works again, `thin_check` passes and a restart reads everything flushed.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -39,6 +45,7 @@ const MIB: u64 = 1 << 20;
 /// The pool's block size (the default).
 const BS: u64 = 64 * KIB;
 /// NBD error values (the protocol's, Linux's numbers).
+const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const ENOSPC: u32 = 28;
 
@@ -577,5 +584,149 @@ fn a_shut_down_host_file_system_under_the_metadata_file_fails_the_pool_cleanly()
     assert_eq!(check_batch(&mut c, 0), Ok(vec![]), "flushed batch 0");
     drop(c);
     up.stop();
+    drop(fs);
+}
+
+/// A loop device over `file`, detached when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_metadata_device_failing_writes_makes_the_pool_read_only_and_new_clients_read() {
+    if !can_loop_mount(&["losetup", "nbdinfo", "thin_check"]) {
+        return;
+    }
+    let dir = scratch();
+    let tmp = dir.path().join("tmpfs");
+    std::fs::create_dir(&tmp).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&tmp),
+    );
+    let fs = Mounted(tmp.clone());
+    let backing = zeroed_file(&tmp.join("meta.img"), 16 * MIB);
+    let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&backing));
+    let dev = Loop(text(&out.stdout).trim().to_string());
+    let root = dir.path().join("root");
+    let up = start_up(
+        &root,
+        &["--data-size", "1G", "--metadata", &dev.0],
+        dir.path().join("up.log"),
+    );
+    run_ok(&mut thinpool_in(
+        &root,
+        &["vol", "create", "v", "--size", "1G"],
+    ));
+    let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
+    let mut c = client(&root);
+    let (errs, flush) = write_batch(&mut c, 0, true);
+    assert!(
+        errs.iter().all(|&e| e == 0) && flush == Some(0),
+        "batch 0, with room: writes {errs:?}, flush {flush:?}"
+    );
+
+    // The tmpfs is full: the metadata blocks a commit writes where the file has no pages yet
+    // cannot reach it. Batches until one fails.
+    let filler = tmp.join("filler");
+    fill_up(&filler, 0);
+    let mut flushed = vec![0];
+    let (failed_batch, errs, flush) = loop {
+        let b = flushed.len() as u64;
+        assert!(
+            b < 8,
+            "{b} batches and the metadata device never failed a write"
+        );
+        let (errs, flush) = write_batch(&mut c, b, true);
+        if errs.iter().any(|&e| e != 0) || flush != Some(0) {
+            break (b, errs, flush);
+        }
+        flushed.push(b);
+    };
+    let failed: Vec<u32> = errs
+        .iter()
+        .copied()
+        .chain(flush)
+        .filter(|&e| e != 0)
+        .collect();
+    eprintln!(
+        "batch {failed_batch} failed: {} of {PER_BATCH} writes, flush error {flush:?}",
+        failed.len() - usize::from(flush != Some(0))
+    );
+    // The commit that failed answers EIO; requests after the abort find the pool read-only.
+    assert!(
+        failed.iter().all(|&e| e == EIO || e == EPERM) && failed.contains(&EIO),
+        "a failed metadata commit is EIO ({EIO}), later changes EPERM ({EPERM}): writes \
+         {errs:?}, flush {flush:?}\n{}",
+        up.log_text()
+    );
+
+    let st = status(&root);
+    eprintln!("pool status after the failed commit: {st}");
+    let failure = st["failure"].as_str().unwrap_or_default();
+    let link = root.join("pool/metadata");
+    assert!(
+        st["mode"] == "ro"
+            && !st["needs_check"].as_bool().unwrap_or(true)
+            && failure.starts_with("commit failed: ")
+            && (failure.contains(link.to_str().unwrap()) || failure.contains(&dev.0)),
+        "pool status names the failed commit and the metadata device: {st}"
+    );
+    // New clients connect and read everything flushed; what the failed batch wrote is gone
+    // with the aborted transaction or there, never anything else.
+    run_ok(tool("nbdinfo").arg(&uri));
+    let mut c2 = client(&root);
+    for &b in &flushed {
+        assert_eq!(check_batch(&mut c2, b), Ok(vec![]), "flushed batch {b}");
+    }
+    // A change that needs the metadata fails, and so does a flush, on either connection.
+    for (who, conn) in [("the old client", &mut c), ("a new client", &mut c2)] {
+        let k = 7;
+        conn.request(CMD_WRITE, 0, 1, spot(STRIDE - 1, k), 4096, &payload(99, k));
+        let (werr, _) = conn.simple_reply();
+        conn.request(CMD_FLUSH, 0, 2, 0, 0, &[]);
+        let (ferr, _) = conn.simple_reply();
+        assert!(
+            werr == EPERM && ferr != 0,
+            "{who}: a write needing a new mapping ({werr}) and a flush ({ferr}) on a read-only pool"
+        );
+    }
+    drop((c, c2));
+    let mut up = up;
+    let st = up.terminate();
+    let log = up.log_text();
+    eprintln!("thinpool up after SIGTERM: {st}");
+    assert!(
+        st.code().is_some() && log.contains("daemon stopped"),
+        "thinpool up must stop on SIGTERM ({st}):\n{log}"
+    );
+    drop(up);
+
+    // The device takes writes again: the metadata is whole, a restart reads what was flushed.
+    std::fs::remove_file(&filler).unwrap();
+    let check = run(tool("thin_check").arg(&dev.0));
+    assert!(
+        check.status.success(),
+        "thin_check {}: {}",
+        dev.0,
+        text(&check.stderr)
+    );
+    let up = start_up(&root, &[], dir.path().join("up-2.log"));
+    let mut c = client(&root);
+    for &b in &flushed {
+        assert_eq!(
+            check_batch(&mut c, b),
+            Ok(vec![]),
+            "flushed batch {b} after a restart"
+        );
+    }
+    drop(c);
+    up.stop();
+    drop(dev);
     drop(fs);
 }
