@@ -18,6 +18,8 @@
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
 //! - `hostfull`: the host file system under the pool fills up: ENOSPC, no wedge, recovery.
+//! - `host_shutdown`: the host file system under the pool is shut down (`xfs_io shutdown`):
+//!   flushed writes survive, as they do in a raw file served by nbdkit beside it.
 //! - `meta_repair`: `thinpool meta repair` of a superblock with an absurd `nr_data_blocks`: derived
 //!   from the mappings and the data file; thin_check and thin_dump on the result.
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
