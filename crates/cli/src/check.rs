@@ -13,6 +13,15 @@
 //!
 //! The report is `meta check`'s: `TRANSACTION_ID=`/`METADATA_FREE_BLOCKS=` then one line per
 //! error; exit status 0 when clean, 1 when damaged.
+//!
+//! `--clear-needs-check-flag` (like `thin_check`'s) clears the superblock's NEEDS_CHECK flag
+//! after a clean check, the only way a flagged pool gets back to write mode. Only offline: the
+//! lock is taken as above and held across the check and the one write (the superblock's flags
+//! word and checksum); with a daemon running it is refused, as the daemon holds the pool open
+//! read-only and would not notice. Without the option nothing is ever written, and a clean
+//! check of a flagged pool says how to clear it: clearing is a decision (the pool failed in a
+//! way the abort could not undo), taken explicitly as with `thin_check`, and `pool check` stays
+//! a looking command whether a daemon runs or not.
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -22,17 +31,28 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use thinpool_io::{BlockDevice, FileDevice};
-use thinpool_thin::check::{CheckOptions, CheckReport, check};
+use thinpool_thin::check::{
+    CheckOptions, CheckReport, NeedsCheckFlag, check, check_and_clear_needs_check,
+};
 
 use crate::client;
 
 /// Bytes of the superblock compared before and after a check to tell a racing commit.
 const SUPERBLOCK_LEN: usize = 4096;
 
-/// `thinpool pool check`: returns the exit status (0 clean, 1 damaged).
-pub fn run(root: &Path) -> Result<i32> {
+/// `thinpool pool check [--clear-needs-check-flag]`: returns the exit status (0 clean, 1
+/// damaged).
+pub fn run(root: &Path, clear_needs_check: bool) -> Result<i32> {
     let at = root.display();
+    let mut flag = None;
     let (metadata, report) = match client::daemon(root)? {
+        Some(daemon) if clear_needs_check => bail!(
+            "clearing NEEDS_CHECK on the pool at {at}: the daemon (pid {}) has the pool open, \
+             and the flag can only be cleared while no one does; stop the daemon (Ctrl-C, \
+             SIGTERM or `systemctl stop thinpool`) and run `thinpool pool check \
+             --clear-needs-check-flag` again",
+            daemon.daemon().pid
+        ),
         Some(mut daemon) => {
             tracing::debug!(
                 "the pool at {at} is served by the daemon (pid {}): checking what it commits",
@@ -78,13 +98,36 @@ pub fn run(root: &Path) -> Result<i32> {
                 );
             }
             let _lock = lock(root)?;
-            let dev = open_ro(&path)?;
-            (path.clone(), check_once(&dev, &path)?.0)
+            if clear_needs_check {
+                let dev = open_rw(&path)?;
+                let bar = progress_bar();
+                let (report, outcome) =
+                    check_and_clear_needs_check(dev, &CheckOptions::default(), &mut |d, t| {
+                        bar.set_length(t);
+                        bar.set_position(d);
+                    })
+                    .with_context(|| format!("checking {}", path.display()))?;
+                bar.finish_and_clear();
+                flag = Some(outcome);
+                (path.clone(), report)
+            } else {
+                let dev = open_ro(&path)?;
+                (path.clone(), check_once(&dev, &path)?.0)
+            }
         }
     };
     print!("{}", report.render());
     if tracing::enabled!(tracing::Level::INFO) {
         eprint!("{}", report.render_warnings());
+    }
+    match flag {
+        Some(outcome) => say_needs_check(outcome, &metadata),
+        None if report.exit_code() == 0 && needs_check(&metadata) => eprintln!(
+            "thinpool: the metadata of the pool at {at} is flagged NEEDS_CHECK, so the pool \
+             stays read-only; this check is clean: stop the daemon if one runs, then `thinpool \
+             pool check --clear-needs-check-flag` clears the flag"
+        ),
+        None => {}
     }
     let code = report.exit_code();
     if code != 0 {
@@ -129,6 +172,37 @@ fn lock(root: &Path) -> Result<File> {
             Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
+}
+
+/// Say on stderr what `--clear-needs-check-flag` did to the flag of `metadata`.
+pub fn say_needs_check(outcome: NeedsCheckFlag, metadata: &Path) {
+    let at = metadata.display();
+    match outcome {
+        NeedsCheckFlag::Cleared => eprintln!("thinpool: NEEDS_CHECK cleared in {at}"),
+        NeedsCheckFlag::NotSet => {
+            eprintln!("thinpool: NEEDS_CHECK was not set in {at}: nothing written")
+        }
+        NeedsCheckFlag::Kept { set: true } => eprintln!(
+            "thinpool: the check found errors: NEEDS_CHECK stays set in {at}, nothing written"
+        ),
+        NeedsCheckFlag::Kept { set: false } => {
+            eprintln!("thinpool: the check found errors: nothing written to {at}")
+        }
+    }
+}
+
+/// Whether the superblock of `metadata` (readable and valid) has NEEDS_CHECK set.
+pub fn needs_check(metadata: &Path) -> bool {
+    FileDevice::open_read_only(metadata)
+        .ok()
+        .and_then(|d| thinpool_thin::metadata::read_superblock(&d).ok())
+        .is_some_and(|sb| sb.flags & thinpool_thin::superblock::NEEDS_CHECK != 0)
+}
+
+fn open_rw(path: &Path) -> Result<Arc<dyn BlockDevice>> {
+    Ok(Arc::new(FileDevice::open(path).with_context(|| {
+        format!("opening the pool's metadata {} read-write", path.display())
+    })?))
 }
 
 fn open_ro(path: &Path) -> Result<Arc<dyn BlockDevice>> {

@@ -64,6 +64,12 @@ pub enum MetaCommand {
         /// Exit 0 when only non-fatal errors (leaked blocks) are found.
         #[arg(long)]
         ignore_non_fatal_errors: bool,
+        /// After a clean check, clear the superblock's NEEDS_CHECK flag (only its flags word
+        /// and checksum are written; like thin_check's option). A check that finds errors
+        /// leaves it set. Needs a full check, and no one else writing the metadata (for a
+        /// pool's own metadata, `thinpool pool check --clear-needs-check-flag` takes its lock).
+        #[arg(long, conflicts_with_all = ["super_block_only", "skip_mappings", "metadata_snap"])]
+        clear_needs_check_flag: bool,
         /// Metadata file or block device.
         metadata: PathBuf,
     },
@@ -204,10 +210,10 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
             skip_mappings,
             metadata_snap,
             ignore_non_fatal_errors,
+            clear_needs_check_flag,
             metadata,
         } => {
-            use thinpool_thin::check::{CheckOptions, check};
-            let dev = open_ro(&metadata)?;
+            use thinpool_thin::check::{CheckOptions, check, check_and_clear_needs_check};
             let opts = CheckOptions {
                 super_block_only,
                 skip_mappings,
@@ -215,16 +221,39 @@ pub fn run(cmd: MetaCommand) -> Result<i32> {
                 ignore_non_fatal: ignore_non_fatal_errors,
             };
             let bar = progress_bar(quiet, "checked blocks");
-            let report = check(dev, &opts, &mut |done, total| {
+            let mut progress = |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
-            })
-            .with_context(|| format!("checking {}", metadata.display()))?;
+            };
+            let (report, flag) = if clear_needs_check_flag {
+                let (report, flag) =
+                    check_and_clear_needs_check(open_rw(&metadata)?, &opts, &mut progress)
+                        .with_context(|| format!("checking {}", metadata.display()))?;
+                (report, Some(flag))
+            } else {
+                let report = check(open_ro(&metadata)?, &opts, &mut progress)
+                    .with_context(|| format!("checking {}", metadata.display()))?;
+                (report, None)
+            };
             bar.finish_and_clear();
             if !quiet {
                 print!("{}", report.render());
                 if tracing::enabled!(tracing::Level::INFO) {
                     eprint!("{}", report.render_warnings());
+                }
+                match flag {
+                    Some(flag) => crate::check::say_needs_check(flag, &metadata),
+                    None if report.exit_code() == 0
+                        && !(metadata_snap || super_block_only || skip_mappings)
+                        && crate::check::needs_check(&metadata) =>
+                    {
+                        eprintln!(
+                            "thinpool: {} is flagged NEEDS_CHECK (a pool on it stays read-only); \
+                             --clear-needs-check-flag clears the flag after a clean check",
+                            metadata.display()
+                        )
+                    }
+                    None => {}
                 }
             }
             Ok(report.exit_code())

@@ -78,7 +78,16 @@ pub enum PoolCommand {
     /// so metadata too damaged to open is still reported on). With a daemon, the daemon commits
     /// and the committed metadata is checked read-only while writes go on; a commit that races
     /// with the check is detected and damage seen during one is checked again once.
-    Check,
+    ///
+    /// A pool whose metadata is flagged NEEDS_CHECK (it failed in a way the abort could not
+    /// undo) stays read-only until a clean check with --clear-needs-check-flag clears the flag.
+    Check {
+        /// After a clean check, clear the superblock's NEEDS_CHECK flag (only its flags word
+        /// and checksum are written), like thin_check's option; errors leave it set. Only
+        /// while no daemon has the pool open.
+        #[arg(long)]
+        clear_needs_check_flag: bool,
+    },
     /// Grow the data and/or metadata files (online; never shrinks). Without sizes, pick up
     /// the current sizes of the underlying devices (after growing a block device or LV).
     Grow {
@@ -107,7 +116,9 @@ pub enum PoolCommand {
 pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
     let at = root.display();
     match cmd {
-        PoolCommand::Check => crate::check::run(root),
+        PoolCommand::Check {
+            clear_needs_check_flag,
+        } => crate::check::run(root, clear_needs_check_flag),
         PoolCommand::Create(args) => {
             let cfg = args.config();
             if let Some(c) = client::daemon(root)? {

@@ -1424,6 +1424,93 @@ pub fn check(
     Ok(run_check(dev, opts, progress)?.0)
 }
 
+/// What [`check_and_clear_needs_check`] did with the superblock's NEEDS_CHECK flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedsCheckFlag {
+    /// The check was clean and the flag was set: it is cleared now.
+    Cleared,
+    /// The check was clean and the flag was not set: nothing was written.
+    NotSet,
+    /// The check failed (exit status 1): nothing was written; `set` tells whether the flag is
+    /// set (false also when the superblock itself is unreadable).
+    Kept {
+        /// The flag is set.
+        set: bool,
+    },
+}
+
+/// [`check`] the whole metadata, then clear NEEDS_CHECK if the check passed (exit status 0,
+/// so leaks pass with `ignore_non_fatal`), like `thin_check --clear-needs-check-flag`
+/// (format spec sections 3 and 16.3). `dev` must be writable.
+///
+/// Only the superblock's flags word (0x004) and its checksum (0x000) change; the block is
+/// edited in place rather than re-encoded, so nothing else in it can move, then written and
+/// synced. A partial check (`super_block_only`, `skip_mappings`, `metadata_snap`) proves
+/// nothing about the live trees and is refused. The caller keeps other writers away (the
+/// pool's lock); as a last guard, block 0 is read before and after the check and again just
+/// before the write, and if it changed nothing is written and an error says so.
+pub fn check_and_clear_needs_check(
+    dev: Arc<dyn BlockDevice>,
+    opts: &CheckOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(CheckReport, NeedsCheckFlag)> {
+    if opts.super_block_only || opts.skip_mappings || opts.metadata_snap {
+        return Err(crate::Error::InvalidArgument(
+            "NEEDS_CHECK is only cleared after a full check of the live metadata (not with \
+             --super-block-only, --skip-mappings or --metadata-snap)"
+                .into(),
+        ));
+    }
+    let first_block = |dev: &dyn BlockDevice| -> Result<Option<Box<Block>>> {
+        if dev.size()? < BLOCK_SIZE as u64 {
+            return Ok(None);
+        }
+        let mut b = Box::new([0u8; BLOCK_SIZE]);
+        dev.read_at(&mut b[..], 0)?;
+        Ok(Some(b))
+    };
+    let before = first_block(&*dev)?;
+    let report = check(dev.clone(), opts, progress)?;
+    let flag_set = |b: &Option<Box<Block>>| {
+        b.as_ref().is_some_and(|b| {
+            block::validate(&b[..], BlockKind::Superblock, 0).is_ok()
+                && le_u32(&b[..], 4) & NEEDS_CHECK != 0
+        })
+    };
+    let changed = || {
+        crate::Error::Inconsistent(format!(
+            "block 0 of {} changed while it was being checked (another process writes this \
+             metadata): NEEDS_CHECK left as it is; stop that process and check again",
+            dev.name()
+        ))
+    };
+    if first_block(&*dev)? != before {
+        return Err(changed());
+    }
+    if report.exit_code() != 0 {
+        return Ok((
+            report,
+            NeedsCheckFlag::Kept {
+                set: flag_set(&before),
+            },
+        ));
+    }
+    let (true, Some(mut sb)) = (flag_set(&before), before) else {
+        return Ok((report, NeedsCheckFlag::NotSet));
+    };
+    let checked = sb.clone();
+    let flags = le_u32(&sb[..], 4) & !NEEDS_CHECK;
+    sb[4..8].copy_from_slice(&flags.to_le_bytes());
+    let csum = block::checksum(&sb[..], BlockKind::Superblock);
+    sb[0..4].copy_from_slice(&csum.to_le_bytes());
+    if first_block(&*dev)?.as_ref() != Some(&checked) {
+        return Err(changed());
+    }
+    dev.write_at(&sb[..], 0)?;
+    dev.sync()?;
+    Ok((report, NeedsCheckFlag::Cleared))
+}
+
 /// [`check`], also returning the role code of every metadata block the walk reached.
 fn run_check(
     dev: Arc<dyn BlockDevice>,
@@ -1626,7 +1713,7 @@ fn check_all(c: &mut Checker<'_>, sb: &Superblock, report: &mut CheckReport) -> 
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
-    use thinpool_pdata::block::{put_u32, put_u64, stamp};
+    use thinpool_pdata::block::{le_u64, put_u32, put_u64, stamp};
     use thinpool_pdata::node::max_entries;
 
     use super::*;
@@ -2202,6 +2289,143 @@ mod tests {
         stamp(&mut blk, BlockKind::Node, root);
         let r = run(&with_block(&img, root, &blk), &CheckOptions::default());
         assert_eq!(r.exit_code(), 1);
+    }
+
+    /// `img` with NEEDS_CHECK set as the engine sets it: flags word, superblock re-stamped.
+    fn flagged(img: &[u8]) -> Vec<u8> {
+        let mut v = img.to_vec();
+        let flags = le_u32(&v, 4) | NEEDS_CHECK;
+        put_u32(&mut v, 4, flags);
+        stamp(&mut v[..BLOCK_SIZE], BlockKind::Superblock, 0);
+        v
+    }
+
+    /// [`check_and_clear_needs_check`] on an in-memory copy of `img`; also the bytes after.
+    fn clear_on(
+        img: &[u8],
+        opts: &CheckOptions,
+        progress: &mut dyn FnMut(&thinpool_io::MemDevice),
+    ) -> (Result<(CheckReport, NeedsCheckFlag)>, Vec<u8>) {
+        let dev = Arc::new(thinpool_io::MemDevice::from_bytes(img.to_vec()));
+        let d2 = dev.clone();
+        let r = check_and_clear_needs_check(dev.clone(), opts, &mut |_, _| progress(&d2));
+        (r, dev.to_bytes())
+    }
+
+    #[test]
+    fn a_clean_check_clears_needs_check_and_changes_nothing_else() {
+        for name in VECTORS {
+            let img = vector(name);
+            assert_eq!(le_u32(&img, 4), 0, "{name}: the vector is not flagged");
+            let flagged = flagged(&img);
+            let (r, after) = clear_on(&flagged, &CheckOptions::default(), &mut |_| {});
+            let (report, flag) = r.expect("check runs");
+            assert_eq!(flag, NeedsCheckFlag::Cleared, "{name}: {}", report.render());
+            assert!(
+                report
+                    .warnings
+                    .iter()
+                    .any(|w| w.fault.contains("NEEDS_CHECK"))
+            );
+            assert!(
+                after == img,
+                "{name}: clearing gives back the unflagged image"
+            );
+            assert_eq!(Superblock::decode(&after).flags, 0);
+            // Not flagged: nothing to clear, nothing written.
+            let (r, after) = clear_on(&img, &CheckOptions::default(), &mut |_| {});
+            assert_eq!(r.expect("check runs").1, NeedsCheckFlag::NotSet, "{name}");
+            assert!(after == img, "{name}: written though the flag was not set");
+        }
+    }
+
+    #[test]
+    fn clearing_gives_the_bytes_thin_check_gives() {
+        if !have("thin_check") {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in VECTORS {
+            let flagged = flagged(&vector(name));
+            let f = dir.path().join(name);
+            std::fs::write(&f, &flagged).expect("write image");
+            let out = thinpool_testkit::tool("thin_check")
+                .arg("--clear-needs-check-flag")
+                .arg(&f)
+                .output()
+                .expect("run thin_check");
+            assert!(out.status.success(), "{name}: thin_check: {out:?}");
+            let theirs = std::fs::read(&f).expect("read image");
+            let (r, ours) = clear_on(&flagged, &CheckOptions::default(), &mut |_| {});
+            assert_eq!(r.expect("check runs").1, NeedsCheckFlag::Cleared);
+            assert!(ours == theirs, "{name}: thin_check cleared to other bytes");
+        }
+    }
+
+    #[test]
+    fn damage_keeps_needs_check_and_writes_nothing() {
+        let img = flagged(&vector("snapshots"));
+        // A bottom-level mapping node with a wrong checksum.
+        let (b, _) = roles(&vector("snapshots"))
+            .into_iter()
+            .find(|&(_, code)| code == ROLE_BOTTOM)
+            .expect("a bottom-level node");
+        let mut bad = img.clone();
+        bad[b as usize * BLOCK_SIZE + 100] ^= 0xFF;
+        let (r, after) = clear_on(&bad, &CheckOptions::default(), &mut |_| {});
+        let (report, flag) = r.expect("check runs");
+        assert!(report.has_fatal(), "{}", report.render());
+        assert!(names(&report, b), "{}", report.render());
+        assert_eq!(flag, NeedsCheckFlag::Kept { set: true });
+        assert!(after == bad, "written though the check failed");
+        // A broken superblock: nothing can be said about the flag, nothing is written.
+        let mut bad = img.clone();
+        bad[0x150] ^= 1;
+        let (r, after) = clear_on(&bad, &CheckOptions::default(), &mut |_| {});
+        assert_eq!(
+            r.expect("check runs").1,
+            NeedsCheckFlag::Kept { set: false }
+        );
+        assert!(after == bad);
+    }
+
+    #[test]
+    fn partial_checks_and_racing_writers_do_not_clear() {
+        let img = flagged(&vector("one-thin"));
+        for opts in [
+            CheckOptions {
+                super_block_only: true,
+                ..Default::default()
+            },
+            CheckOptions {
+                skip_mappings: true,
+                ..Default::default()
+            },
+            CheckOptions {
+                metadata_snap: true,
+                ..Default::default()
+            },
+        ] {
+            let (r, after) = clear_on(&img, &opts, &mut |_| {});
+            assert!(r.is_err(), "{opts:?}: a partial check cleared the flag");
+            assert!(after == img, "{opts:?}: written");
+        }
+        // Another writer commits (a new transaction id in block 0) while the check runs.
+        let mut raced = img.clone();
+        put_u64(&mut raced, 0x30, le_u64(&img, 0x30) + 1);
+        stamp(&mut raced[..BLOCK_SIZE], BlockKind::Superblock, 0);
+        let mut once = Some(raced[..BLOCK_SIZE].to_vec());
+        let (r, after) = clear_on(&img, &CheckOptions::default(), &mut |dev| {
+            if let Some(b) = once.take() {
+                dev.write_at(&b, 0).expect("write");
+            }
+        });
+        let err = r.expect_err("cleared although block 0 changed during the check");
+        assert!(err.to_string().contains("changed"), "{err}");
+        assert!(
+            after == raced,
+            "the racing writer's superblock was overwritten"
+        );
     }
 }
 
