@@ -1,7 +1,9 @@
 //! A pool whose NEEDS_CHECK flag thinpool wrote (issue 11): `thin_check`, the kernel and
 //! thinpool treat it alike, before and after the flag is cleared the documented way
-//! (`thin_check --clear-needs-check-flag`, format doc section 16.3; thinpool has no command of
-//! its own for it).
+//! (`thin_check --clear-needs-check-flag`, format doc section 16.3). The guest clears it with
+//! `thin_check` between its two phases, in one boot; thinpool's own clear (`thinpool meta check
+//! --clear-needs-check-flag`, `needs_check`'s test) is checked here on the host, on a copy, to
+//! give the very bytes `thin_check`'s does, so the kernel's phase 2 holds for it too.
 //!
 //! The flag is set through thinpool-thin's `ThinMetadata::set_needs_check`, the call the engine
 //! makes when a metadata operation fails and the rollback leaves the pool read-only (no
@@ -142,6 +144,24 @@ fn needs_check_pool_is_read_only_for_thin_check_the_kernel_and_thinpool() {
         std::fs::read(&meta).unwrap() == flagged,
         "thinpool wrote the flagged metadata"
     );
+
+    // Ours and thin_check's clear, on copies: both give back the metadata from before the flag.
+    let (ours, theirs) = (dir.path().join("ours.meta"), dir.path().join("theirs.meta"));
+    for f in [&ours, &theirs] {
+        std::fs::write(f, &flagged).unwrap();
+    }
+    run_ok(thinpool_in(&root, &["meta", "check", "--clear-needs-check-flag"]).arg(&ours));
+    run_ok(
+        tool("thin_check")
+            .arg("--clear-needs-check-flag")
+            .arg(&theirs),
+    );
+    for (who, f) in [("thinpool", &ours), ("thin_check", &theirs)] {
+        assert!(
+            std::fs::read(f).unwrap() == clean_meta,
+            "{who}'s clear does not give back the metadata from before the flag"
+        );
+    }
 
     // The kernel, both phases in one boot.
     let args: Vec<String> = [128, 0, 16 * MIB / 512, mapped, free_at]
