@@ -9,6 +9,8 @@
 //! - `kernel_needs_check`: a pool thinpool flagged NEEDS_CHECK: thin_check, the kernel
 //!   (read-only, `needs_check` in its status) and thinpool agree; after
 //!   `thin_check --clear-needs-check-flag` both open it read-write.
+//! - `needs_check`: `meta check`/`pool check --clear-needs-check-flag` clear NEEDS_CHECK after a
+//!   clean check (the bytes `thin_check`'s option gives), keep it on damage, refuse with a daemon.
 //! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
 //!   out compared byte for byte; `thin_check` on what they leave.
 //! - `cli_info`: `thinpool info`, `vol info`, `pool check`, `completions` and `man`, with and
@@ -44,6 +46,7 @@ mod kernel_needs_check;
 mod meta_repair;
 mod move_data;
 mod nbd;
+mod needs_check;
 mod oracle;
 mod private;
 mod soak;
