@@ -252,7 +252,7 @@ impl BlockDevice for DataDev {
                 op: "resize",
                 offset: size,
                 len: 0,
-                source: std::io::Error::other(
+                cause: std::io::Error::other(
                     "the pool's data is being moved to another device: grow it afterwards",
                 ),
             }),
@@ -539,7 +539,7 @@ fn copy_verify_switch(
                 op: "verify",
                 offset: b * bs + at as u64,
                 len: bs - at as u64,
-                source: std::io::Error::other(format!(
+                cause: std::io::Error::other(format!(
                     "data block {b} reads back different from the old device: the new device does not keep what is written to it"
                 )),
             })));

@@ -39,7 +39,7 @@ impl FileDevice {
             .map_err(|source| Error::Open {
                 device: name.clone(),
                 op: "open",
-                source,
+                cause: source,
             })?;
         let is_block = file
             .metadata()
@@ -61,7 +61,7 @@ impl FileDevice {
             op,
             offset: 0,
             len: size,
-            source,
+            cause: source,
         };
         // Private to its owner from the start: a pool's bytes are its volumes' bytes.
         let file = OpenOptions::new()
@@ -74,7 +74,7 @@ impl FileDevice {
             .map_err(|source| Error::Open {
                 device: name.clone(),
                 op: "create",
-                source,
+                cause: source,
             })?;
         file.set_len(size).map_err(|e| io("resize", e))?;
         Ok(Self {
@@ -110,7 +110,7 @@ impl FileDevice {
             op,
             offset,
             len,
-            source,
+            cause: source,
         }
     }
 }

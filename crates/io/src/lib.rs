@@ -33,18 +33,18 @@ use std::sync::Arc;
 #[non_exhaustive]
 pub enum Error {
     /// The file or device could not be opened or created.
-    #[error("cannot {op} {device}")]
+    #[error("cannot {op} {device}: {cause}")]
     Open {
         /// The path.
         device: String,
         /// "open" or "create".
         op: &'static str,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (part of the message, so that every report of this error,
+        /// `pool status` included, says why: "No space left on device", "Input/output error").
+        cause: std::io::Error,
     },
     /// An I/O call failed.
-    #[error("{op} of {device} at byte {offset} ({len} bytes) failed")]
+    #[error("{op} of {device} at byte {offset} ({len} bytes) failed: {cause}")]
     Io {
         /// Name of the device (its path).
         device: String,
@@ -54,9 +54,9 @@ pub enum Error {
         offset: u64,
         /// Length of the request in bytes.
         len: u64,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (part of the message, so that every report of this error,
+        /// `pool status` included, says why: "No space left on device", "Input/output error").
+        cause: std::io::Error,
     },
     /// A read or write went past the end of the device.
     #[error("{op} of {device} at byte {offset} ({len} bytes) is past its end ({size} bytes)")]
@@ -89,11 +89,11 @@ impl Error {
     /// for a quota): the device itself is fine and the same request can succeed once the host
     /// has space again.
     pub fn is_host_full(&self) -> bool {
-        let source = match self {
-            Error::Io { source, .. } | Error::Open { source, .. } => source,
+        let cause = match self {
+            Error::Io { cause, .. } | Error::Open { cause, .. } => cause,
             _ => return false,
         };
-        let code = source.raw_os_error();
+        let code = cause.raw_os_error();
         code == Some(rustix::io::Errno::NOSPC.raw_os_error())
             || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
     }

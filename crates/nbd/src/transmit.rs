@@ -216,7 +216,9 @@ impl Conn {
     fn engine_error(&self, req: &Request, e: &thinpool_engine::Error) -> io::Result<()> {
         let errno = match e.kind() {
             ErrorKind::NoSpace => Errno::NoSpc,
-            ErrorKind::ReadOnly => Errno::Perm,
+            // A pool made read-only or failed by a metadata failure: EIO, as the kernel answers
+            // (writes to a read-only export were refused with EPERM before reaching here).
+            ErrorKind::ReadOnly => Errno::Io,
             ErrorKind::InvalidArgument => Errno::Inval,
             _ => Errno::Io,
         };

@@ -53,7 +53,7 @@ impl OneFault {
                 op,
                 offset,
                 len,
-                source: std::io::Error::from_raw_os_error(self.errno),
+                cause: std::io::Error::from_raw_os_error(self.errno),
             });
         }
         Ok(())
@@ -351,7 +351,7 @@ impl WritesFail {
                 op,
                 offset,
                 len,
-                source: std::io::Error::from_raw_os_error(5), // EIO
+                cause: std::io::Error::from_raw_os_error(5), // EIO
             });
         }
         Ok(())
