@@ -10,7 +10,7 @@ use crate::{Error, Result};
 
 /// Metadata block size: the unit of [`PoolOptions::metadata_cache`].
 const METADATA_BLOCK: u64 = 4096;
-/// Default [`PoolOptions::metadata_cache`]: 8 MiB.
+/// Default [`PoolOptions::metadata_cache`]: 4 MiB.
 pub(crate) const DEFAULT_METADATA_CACHE: u64 = DEFAULT_CACHE_BLOCKS as u64 * METADATA_BLOCK;
 /// Smallest [`PoolOptions::metadata_cache`]: 256 KiB (64 blocks, a few times the deepest path
 /// through the mapping tree).
@@ -67,7 +67,7 @@ pub struct PoolOptions {
     /// they were (for commands that only look). A pool whose metadata needs a check opens
     /// this way whatever this says.
     pub read_only: bool,
-    /// Memory for clean metadata blocks, in bytes (default 8 MiB, at least 256 KiB): the
+    /// Memory for clean metadata blocks, in bytes (default 4 MiB, at least 256 KiB): the
     /// block cache holds at most this much (least recently used blocks go first, CLOCK), and
     /// new B-tree nodes changed since the last commit are written back to the metadata
     /// device early once they take as much again. So metadata blocks take at most twice this.
@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn metadata_cache_in_blocks_with_a_floor() {
         let mut o = PoolOptions::default();
-        assert_eq!(o.metadata_cache_blocks().unwrap(), 2048);
+        assert_eq!(o.metadata_cache_blocks().unwrap(), 1024);
         o.metadata_cache = 256 << 20;
         assert_eq!(o.metadata_cache_blocks().unwrap(), 65536);
         o.metadata_cache = MIN_METADATA_CACHE;
