@@ -137,7 +137,8 @@ fn looking_commands_and_needs_check_pools_write_nothing() {
             assert!(!out.status.success());
             let err = text(&out.stderr);
             assert!(
-                err.contains("read-only (NEEDS_CHECK is set: check the metadata offline)"),
+                err.contains("read-only (NEEDS_CHECK is set: check the metadata offline;")
+                    && err.contains("`thinpool pool check --clear-needs-check-flag`"),
                 "{err}"
             );
             assert!(files() == before, "a refused vol create changed the files");

@@ -919,7 +919,8 @@ impl Pool {
         let mut st = inner.md();
         if st.md.needs_check() {
             return Err(Error::ReadOnly(
-                "the metadata needs a check (NEEDS_CHECK): run `thinpool meta check` before growing"
+                "the metadata needs a check (NEEDS_CHECK): with no daemon running, `thinpool pool \
+                 check --clear-needs-check-flag` clears the flag if the metadata is clean; then grow"
                     .into(),
             ));
         }
@@ -1303,7 +1304,8 @@ impl Inner {
                 "the pool in {} is read-only{}: no metadata changes",
                 self.root.display(),
                 if st.md.needs_check() {
-                    " (NEEDS_CHECK is set: check the metadata offline)"
+                    " (NEEDS_CHECK is set: check the metadata offline; with no daemon running, \
+                     `thinpool pool check --clear-needs-check-flag` clears the flag if it is clean)"
                 } else {
                     " (out of metadata space: grow the metadata device)"
                 }
