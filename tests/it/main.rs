@@ -19,6 +19,8 @@
 //!   printing exactly what they print without one.
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
+//! - `fuse`: volumes as files: `thinpool up`'s FUSE mount driven with dd, cp, du, fallocate,
+//!   truncate, qemu-img and lseek; kill -9 and restart; a loop device carrying ext4.
 //! - `hostfull`: the host file system under the pool fills up: ENOSPC, no wedge, recovery.
 //! - `host_shutdown`: the host file system under the pool is shut down (`xfs_io shutdown`):
 //!   flushed writes survive, as they do in a raw file served by nbdkit beside it.
@@ -37,6 +39,7 @@ mod cli_info;
 mod cli_pool;
 mod daemon;
 mod engine_kernel;
+mod fuse;
 mod host_shutdown;
 mod hostfull;
 mod kernel;
