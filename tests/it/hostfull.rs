@@ -246,6 +246,24 @@ fn start_up(root: &Path, args: &[&str], log: PathBuf) -> Server {
     up
 }
 
+/// `thinpool up` on `root` with a 1 GiB data file beside it and the metadata on `metadata` (a
+/// file or a device), a 1 GiB volume `v`, and a client that wrote batch 0 and flushed it
+/// (`when` says when, for the message).
+fn up_with_batch_0(root: &Path, metadata: &str, log: PathBuf, when: &str) -> (Server, RawClient) {
+    let up = start_up(root, &["--data-size", "1G", "--metadata", metadata], log);
+    run_ok(&mut thinpool_in(
+        root,
+        &["vol", "create", "v", "--size", "1G"],
+    ));
+    let mut c = client(root);
+    let (errs, flush) = write_batch(&mut c, 0, true);
+    assert!(
+        errs.iter().all(|&e| e == 0) && flush == Some(0),
+        "batch 0, {when}: writes {errs:?}, flush {flush:?}"
+    );
+    (up, c)
+}
+
 fn client(root: &Path) -> RawClient {
     let mut c = RawClient::connect(&root.join("nbd.sock"), 3);
     c.go("v");
@@ -323,24 +341,14 @@ fn a_full_host_file_system_under_the_metadata_file_gives_enospc_and_the_pool_rec
     let filler = fs.0.join("filler");
     let root = dir.path().join("root");
     let meta_arg = meta.to_str().unwrap();
-    let up = start_up(
-        &root,
-        &["--data-size", "1G", "--metadata", meta_arg],
-        dir.path().join("up.log"),
-    );
-    run_ok(&mut thinpool_in(
-        &root,
-        &["vol", "create", "v", "--size", "1G"],
-    ));
-    let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
-
     // Batch 0 with room to spare; then the metadata file's file system keeps 192 KiB.
-    let mut c = client(&root);
-    let (errs, flush) = write_batch(&mut c, 0, true);
-    assert!(
-        errs.iter().all(|&e| e == 0) && flush == Some(0),
-        "batch 0, before the host file system was filled: writes {errs:?}, flush {flush:?}"
+    let (up, mut c) = up_with_batch_0(
+        &root,
+        meta_arg,
+        dir.path().join("up.log"),
+        "before the host file system was filled",
     );
+    let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
     fill_up(&filler, 192 * KIB);
     let meta_blocks = |p: &Path| {
         use std::os::unix::fs::MetadataExt as _;
@@ -488,20 +496,11 @@ fn a_shut_down_host_file_system_under_the_metadata_file_fails_the_pool_cleanly()
     let meta = zeroed_file(&fs.0.join("metadata"), 16 * MIB);
     let root = dir.path().join("root");
     let meta_arg = meta.to_str().unwrap();
-    let mut up = start_up(
+    let (mut up, mut c) = up_with_batch_0(
         &root,
-        &["--data-size", "1G", "--metadata", meta_arg],
+        meta_arg,
         dir.path().join("up.log"),
-    );
-    run_ok(&mut thinpool_in(
-        &root,
-        &["vol", "create", "v", "--size", "1G"],
-    ));
-    let mut c = client(&root);
-    let (errs, flush) = write_batch(&mut c, 0, true);
-    assert!(
-        errs.iter().all(|&e| e == 0) && flush == Some(0),
-        "batch 0, before the shutdown: writes {errs:?}, flush {flush:?}"
+        "before the shutdown",
     );
 
     run_ok(tool("xfs_io").args(["-x", "-c", "shutdown"]).arg(&fs.0));
@@ -613,22 +612,8 @@ fn a_metadata_device_failing_writes_makes_the_pool_read_only_and_new_clients_rea
     let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&backing));
     let dev = Loop(text(&out.stdout).trim().to_string());
     let root = dir.path().join("root");
-    let up = start_up(
-        &root,
-        &["--data-size", "1G", "--metadata", &dev.0],
-        dir.path().join("up.log"),
-    );
-    run_ok(&mut thinpool_in(
-        &root,
-        &["vol", "create", "v", "--size", "1G"],
-    ));
+    let (up, mut c) = up_with_batch_0(&root, &dev.0, dir.path().join("up.log"), "with room");
     let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
-    let mut c = client(&root);
-    let (errs, flush) = write_batch(&mut c, 0, true);
-    assert!(
-        errs.iter().all(|&e| e == 0) && flush == Some(0),
-        "batch 0, with room: writes {errs:?}, flush {flush:?}"
-    );
 
     // The tmpfs is full: the metadata blocks a commit writes where the file has no pages yet
     // cannot reach it. Batches until one fails.

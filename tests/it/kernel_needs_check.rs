@@ -27,7 +27,8 @@ use std::sync::Arc;
 use thinpool_io::{BlockDevice, FileDevice};
 use thinpool_tests::kernel::{kernel_run, md5_hex, pattern, zeros_md5};
 use thinpool_tests::{
-    kernel_scripts_dir, require_tools, run, run_ok, scratch, stdout_of, text, thinpool_in, tool,
+    kernel_scripts_dir, require_tools, run, run_ok, scratch, small_pool, stdout_of, text,
+    thinpool_in, tool,
 };
 
 const MIB: u64 = 1 << 20;
@@ -67,21 +68,7 @@ fn needs_check_pool_is_read_only_for_thin_check_the_kernel_and_thinpool() {
     }
     let dir = scratch();
     let root = dir.path().join("root");
-    run_ok(&mut thinpool_in(
-        &root,
-        &[
-            "pool",
-            "create",
-            "--data-size",
-            "64M",
-            "--metadata-size",
-            "8M",
-        ],
-    ));
-    run_ok(&mut thinpool_in(
-        &root,
-        &["vol", "create", "v", "--size", "16M"],
-    ));
+    small_pool(&root, &[("v", "16M")]);
     let mapped = 4 * MIB;
     let free_at = 8 * MIB;
     let image = pattern("NCHECK", mapped as usize);

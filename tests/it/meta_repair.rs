@@ -15,7 +15,8 @@ use thinpool_pdata::BlockKind;
 use thinpool_pdata::block::stamp;
 use thinpool_tests::kernel::pattern;
 use thinpool_tests::{
-    require_tools, run, run_ok, scratch, stdout_of, text, thinpool, thinpool_in, tool, zeroed_file,
+    require_tools, run, run_ok, scratch, small_pool, stdout_of, text, thinpool, thinpool_in, tool,
+    zeroed_file,
 };
 
 const MIB: u64 = 1 << 20;
@@ -47,24 +48,10 @@ fn absurd_nr_data_blocks_is_derived_from_the_mappings_and_the_data_file() {
     }
     let dir = scratch();
     let root = dir.path().join("root");
-    run_ok(&mut thinpool_in(
-        &root,
-        &[
-            "pool",
-            "create",
-            "--data-size",
-            "64M",
-            "--metadata-size",
-            "8M",
-        ],
-    ));
+    small_pool(&root, &[("v", "8M"), ("w", "8M")]);
     // Two volumes: 3 MiB into v (data blocks 0..48), 1 MiB into w (48..64).
     let image = pattern("REPAIR", 3 * MIB as usize);
     for (vol, len) in [("v", 3 * MIB), ("w", MIB)] {
-        run_ok(&mut thinpool_in(
-            &root,
-            &["vol", "create", vol, "--size", "8M"],
-        ));
         let img = dir.path().join(format!("{vol}.img"));
         std::fs::write(&img, &image[..len as usize]).unwrap();
         run_ok(thinpool_in(&root, &["vol", "import", vol]).arg(&img));

@@ -14,27 +14,15 @@ use std::sync::Arc;
 
 use thinpool_daemon::{Daemon, DaemonOptions};
 use thinpool_io::{BlockDevice, FileDevice};
-use thinpool_tests::{require_tools, run, run_ok, scratch, stdout_of, text, thinpool_in, tool};
+use thinpool_tests::{
+    require_tools, run, run_ok, scratch, small_pool, stdout_of, text, thinpool_in, tool,
+};
 use thinpool_thin::superblock::Superblock;
 
 /// A pool in `<dir>/root` with a 16 MiB volume `v` holding 3 MiB of data; returns the root.
 fn pool(dir: &Path) -> PathBuf {
     let root = dir.join("root");
-    run_ok(&mut thinpool_in(
-        &root,
-        &[
-            "pool",
-            "create",
-            "--data-size",
-            "64M",
-            "--metadata-size",
-            "8M",
-        ],
-    ));
-    run_ok(&mut thinpool_in(
-        &root,
-        &["vol", "create", "v", "--size", "16M"],
-    ));
+    small_pool(&root, &[("v", "16M")]);
     let img = dir.join("image");
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&img, data).unwrap();

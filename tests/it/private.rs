@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thinpool_io::{BlockDevice, FileDevice};
-use thinpool_tests::{run, run_ok, scratch, text, thinpool_bin, thinpool_in};
+use thinpool_tests::{run, run_ok, scratch, small_pool, text, thinpool_bin, thinpool_in};
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p)
@@ -76,21 +76,7 @@ fn pool_files_are_private_whatever_the_umask() {
 fn looking_commands_and_needs_check_pools_write_nothing() {
     let dir = scratch();
     let root = dir.path().join("root");
-    run_ok(&mut thinpool_in(
-        &root,
-        &[
-            "pool",
-            "create",
-            "--data-size",
-            "64M",
-            "--metadata-size",
-            "8M",
-        ],
-    ));
-    run_ok(&mut thinpool_in(
-        &root,
-        &["vol", "create", "v", "--size", "4M"],
-    ));
+    small_pool(&root, &[("v", "4M")]);
     let img = dir.path().join("img");
     std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
     run_ok(thinpool_in(&root, &["vol", "import", "v"]).arg(&img));

@@ -155,6 +155,28 @@ pub fn thinpool_in(root: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// `thinpool pool create` of a small pool in `root` (64 MiB of data, 8 MiB of metadata, 64 KiB
+/// blocks), with the volumes `(name, size)` created in it.
+pub fn small_pool(root: &Path, volumes: &[(&str, &str)]) {
+    run_ok(&mut thinpool_in(
+        root,
+        &[
+            "pool",
+            "create",
+            "--data-size",
+            "64M",
+            "--metadata-size",
+            "8M",
+        ],
+    ));
+    for (name, size) in volumes {
+        run_ok(&mut thinpool_in(
+            root,
+            &["vol", "create", name, "--size", size],
+        ));
+    }
+}
+
 /// Shell-like rendering of a command, for messages.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
