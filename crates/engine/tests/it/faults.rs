@@ -34,33 +34,42 @@ use crate::common::*;
 const DATA_BLOCKS: u64 = 128;
 const VOL_BLOCKS: u64 = 48;
 
-/// A memory device whose n-th I/O operation (counted across the devices sharing `left`)
-/// fails once, with `errno`.
-struct OneFault {
+/// A memory device that asks `fail(op)` before each operation (`"read"`, `"write"`, `"sync"`,
+/// `"resize"`, `"punch hole"`) and fails it with the errno that returns, if any.
+struct Hooked {
     inner: Arc<MemDevice>,
     name: String,
-    left: Arc<AtomicU64>,
-    fired: Arc<AtomicBool>,
-    errno: i32,
+    fail: Box<dyn Fn(&'static str) -> Option<i32> + Send + Sync>,
 }
 
-impl OneFault {
-    fn tick(&self, op: &'static str, offset: u64, len: u64) -> thinpool_io::Result<()> {
-        if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.fired.store(true, Ordering::SeqCst);
-            return Err(thinpool_io::Error::Io {
+impl Hooked {
+    fn new(
+        inner: &Arc<MemDevice>,
+        name: &str,
+        fail: impl Fn(&'static str) -> Option<i32> + Send + Sync + 'static,
+    ) -> Arc<Hooked> {
+        Arc::new(Hooked {
+            inner: inner.clone(),
+            name: name.into(),
+            fail: Box::new(fail),
+        })
+    }
+
+    fn hook(&self, op: &'static str, offset: u64, len: u64) -> thinpool_io::Result<()> {
+        match (self.fail)(op) {
+            Some(errno) => Err(thinpool_io::Error::Io {
                 device: self.name.clone(),
                 op,
                 offset,
                 len,
-                cause: std::io::Error::from_raw_os_error(self.errno),
-            });
+                cause: std::io::Error::from_raw_os_error(errno),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
-impl BlockDevice for OneFault {
+impl BlockDevice for Hooked {
     fn name(&self) -> &str {
         &self.name
     }
@@ -68,23 +77,23 @@ impl BlockDevice for OneFault {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
-        self.tick("read", offset, buf.len() as u64)?;
+        self.hook("read", offset, buf.len() as u64)?;
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
-        self.tick("write", offset, buf.len() as u64)?;
+        self.hook("write", offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> thinpool_io::Result<()> {
-        self.tick("sync", 0, 0)?;
+        self.hook("sync", 0, 0)?;
         self.inner.sync()
     }
     fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
-        self.tick("resize", size, 0)?;
+        self.hook("resize", size, 0)?;
         self.inner.set_size(size)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
-        self.tick("punch hole", offset, len)?;
+        self.hook("punch hole", offset, len)?;
         self.inner.punch_hole(offset, len)
     }
 }
@@ -166,13 +175,15 @@ fn run_case(case: u64, seed: u64, thin_check_oracle: bool) -> (bool, bool) {
     let host_full = rng.random_bool(0.5);
     let left = Arc::new(AtomicU64::new(u64::MAX));
     let fired = Arc::new(AtomicBool::new(false));
+    // The n-th I/O operation, counted across both devices, fails once.
+    let errno = if host_full { 28 } else { 5 }; // ENOSPC, EIO
     let wrap = |d: &Arc<MemDevice>, name: &str| -> Arc<dyn BlockDevice> {
-        Arc::new(OneFault {
-            inner: d.clone(),
-            name: name.into(),
-            left: left.clone(),
-            fired: fired.clone(),
-            errno: if host_full { 28 } else { 5 }, // ENOSPC, EIO
+        let (left, fired) = (left.clone(), fired.clone());
+        Hooked::new(d, name, move |_| {
+            (left.fetch_sub(1, Ordering::SeqCst) == 1).then(|| {
+                fired.store(true, Ordering::SeqCst);
+                errno
+            })
         })
     };
     let pool = Pool::create_on(
@@ -335,58 +346,19 @@ fn one_failed_io_then_the_pool_goes_on() {
     );
 }
 
-/// A memory device whose writes and syncs fail with EIO while `broken` is set, and its reads
-/// too while `reads_broken` is.
-struct WritesFail {
-    inner: Arc<MemDevice>,
-    broken: Arc<AtomicBool>,
-    reads_broken: Arc<AtomicBool>,
-}
-
-impl WritesFail {
-    fn check(&self, op: &'static str, offset: u64, len: u64) -> thinpool_io::Result<()> {
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(thinpool_io::Error::Io {
-                device: "metadata".into(),
-                op,
-                offset,
-                len,
-                cause: std::io::Error::from_raw_os_error(5), // EIO
-            });
-        }
-        Ok(())
-    }
-}
-
-impl BlockDevice for WritesFail {
-    fn name(&self) -> &str {
-        "metadata"
-    }
-    fn size(&self) -> thinpool_io::Result<u64> {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
-        if self.reads_broken.load(Ordering::SeqCst) {
-            self.check("read", offset, buf.len() as u64)?;
-        }
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
-        self.check("write", offset, buf.len() as u64)?;
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> thinpool_io::Result<()> {
-        self.check("sync", 0, 0)?;
-        self.inner.sync()
-    }
-    fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
-        self.check("resize", size, 0)?;
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
-        self.check("punch hole", offset, len)?;
-        self.inner.punch_hole(offset, len)
-    }
+/// A metadata device whose writes, syncs, resizes and punches fail with EIO while `broken` is
+/// set, and its reads too while `reads_broken` is.
+fn writes_fail(
+    inner: &Arc<MemDevice>,
+    broken: &Arc<AtomicBool>,
+    reads_broken: &Arc<AtomicBool>,
+) -> Arc<Hooked> {
+    let (broken, reads_broken) = (broken.clone(), reads_broken.clone());
+    Hooked::new(inner, "metadata", move |op| {
+        let fails =
+            broken.load(Ordering::SeqCst) && (op != "read" || reads_broken.load(Ordering::SeqCst));
+        fails.then_some(5) // EIO
+    })
 }
 
 #[test]
@@ -396,11 +368,7 @@ fn after_a_read_only_abort_new_handles_read_what_was_flushed_and_errors_name_the
     let data = Arc::new(MemDevice::new(DATA_BLOCKS * BS));
     let meta = Arc::new(MemDevice::new(4 << 20));
     let broken = Arc::new(AtomicBool::new(false));
-    let meta_dev = Arc::new(WritesFail {
-        inner: meta.clone(),
-        broken: broken.clone(),
-        reads_broken: Arc::new(AtomicBool::new(false)),
-    });
+    let meta_dev = writes_fail(&meta, &broken, &Arc::new(AtomicBool::new(false)));
     let pool = Pool::create_on(dir.path(), data.clone(), meta_dev, BS, opts()).unwrap();
     pool.create_volume("v", VOL_BLOCKS * BS).unwrap();
     let v = pool.open_volume("v").unwrap();
@@ -505,11 +473,7 @@ fn after_a_failed_abort_every_io_fails_naming_the_cause() {
     let meta = Arc::new(MemDevice::new(4 << 20));
     let broken = Arc::new(AtomicBool::new(false));
     let reads_broken = Arc::new(AtomicBool::new(false));
-    let meta_dev = Arc::new(WritesFail {
-        inner: meta.clone(),
-        broken: broken.clone(),
-        reads_broken: reads_broken.clone(),
-    });
+    let meta_dev = writes_fail(&meta, &broken, &reads_broken);
     let pool = Pool::create_on(dir.path(), data.clone(), meta_dev, BS, opts()).unwrap();
     pool.create_volume("v", VOL_BLOCKS * BS).unwrap();
     let v = pool.open_volume("v").unwrap();
