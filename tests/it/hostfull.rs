@@ -289,6 +289,50 @@ fn spot(batch: u64, k: u64) -> u64 {
     (k * STRIDE + batch) * BS + (k % 16) * 4096
 }
 
+/// What [`write_until_a_request_fails`] saw.
+struct FirstFailure {
+    /// The batches written and flushed without an error, 0 included.
+    flushed: Vec<u64>,
+    /// The batch with a failed request.
+    batch: u64,
+    /// Its writes' errors (0 = done) and its flush's.
+    errs: Vec<u32>,
+    flush: Option<u32>,
+    /// Its nonzero errors, writes then flush.
+    failed: Vec<u32>,
+}
+
+/// Write and flush batches 1, 2, … (batch 0 is written) until a request of one fails; panics
+/// with `none_failed(b)` when batch `b` reaches `limit` first.
+fn write_until_a_request_fails(
+    c: &mut RawClient,
+    limit: u64,
+    none_failed: impl Fn(u64) -> String,
+) -> FirstFailure {
+    let mut flushed = vec![0];
+    loop {
+        let b = flushed.len() as u64;
+        assert!(b < limit, "{}", none_failed(b));
+        let (errs, flush) = write_batch(c, b, true);
+        if errs.iter().any(|&e| e != 0) || flush != Some(0) {
+            let failed = errs
+                .iter()
+                .copied()
+                .chain(flush)
+                .filter(|&e| e != 0)
+                .collect();
+            return FirstFailure {
+                flushed,
+                batch: b,
+                errs,
+                flush,
+                failed,
+            };
+        }
+        flushed.push(b);
+    }
+}
+
 /// Send batch `batch` (16 writes in flight at a time), then flush, unless `flush` is false.
 /// Returns the error of every write (0 = done) and of the flush.
 fn write_batch(c: &mut RawClient, batch: u64, flush: bool) -> (Vec<u32>, Option<u32>) {
@@ -357,27 +401,19 @@ fn a_full_host_file_system_under_the_metadata_file_gives_enospc_and_the_pool_rec
     let at_fill = meta_blocks(&meta);
 
     // Batches until one fails: the ones flushed before it must read back.
-    let mut flushed = vec![0];
-    let (failed_batch, errs, flush) = loop {
-        let b = flushed.len() as u64;
-        assert!(
-            b < STRIDE,
+    let FirstFailure {
+        mut flushed,
+        batch: failed_batch,
+        errs,
+        flush,
+        failed,
+    } = write_until_a_request_fails(&mut c, STRIDE, |b| {
+        format!(
             "{b} batches of {PER_BATCH} scattered writes and no error: the metadata file grew \
              from {at_fill} to {} bytes allocated without hitting ENOSPC",
             meta_blocks(&meta)
-        );
-        let (errs, flush) = write_batch(&mut c, b, true);
-        if errs.iter().any(|&e| e != 0) || flush != Some(0) {
-            break (b, errs, flush);
-        }
-        flushed.push(b);
-    };
-    let failed: Vec<u32> = errs
-        .iter()
-        .copied()
-        .chain(flush)
-        .filter(|&e| e != 0)
-        .collect();
+        )
+    });
     eprintln!(
         "batch {failed_batch} failed ({} of {PER_BATCH} writes, flush error {flush:?}) after {} \
          batches flushed; the metadata file took {at_fill} bytes at the fill, {} now",
@@ -619,25 +655,15 @@ fn a_metadata_device_failing_writes_makes_the_pool_read_only_and_new_clients_rea
     // cannot reach it. Batches until one fails.
     let filler = tmp.join("filler");
     fill_up(&filler, 0);
-    let mut flushed = vec![0];
-    let (failed_batch, errs, flush) = loop {
-        let b = flushed.len() as u64;
-        assert!(
-            b < 8,
-            "{b} batches and the metadata device never failed a write"
-        );
-        let (errs, flush) = write_batch(&mut c, b, true);
-        if errs.iter().any(|&e| e != 0) || flush != Some(0) {
-            break (b, errs, flush);
-        }
-        flushed.push(b);
-    };
-    let failed: Vec<u32> = errs
-        .iter()
-        .copied()
-        .chain(flush)
-        .filter(|&e| e != 0)
-        .collect();
+    let FirstFailure {
+        flushed,
+        batch: failed_batch,
+        errs,
+        flush,
+        failed,
+    } = write_until_a_request_fails(&mut c, 8, |b| {
+        format!("{b} batches and the metadata device never failed a write")
+    });
     eprintln!(
         "batch {failed_batch} failed: {} of {PER_BATCH} writes, flush error {flush:?}",
         failed.len() - usize::from(flush != Some(0))
