@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use thinpool_tests::nbd::assert_cmp;
 use thinpool_tests::{
     TempDir, require_tools, run, run_ok, scratch, skip_or_fail, test_seed, text, thinpool, tool,
 };
@@ -210,17 +211,6 @@ fn image(seed: u64) -> Vec<u8> {
     img
 }
 
-fn assert_same(a: &Path, b: &Path) {
-    let out = run(Command::new("cmp").arg(a).arg(b));
-    assert!(
-        out.status.success(),
-        "{} and {} differ: {}",
-        a.display(),
-        b.display(),
-        text(&out.stdout)
-    );
-}
-
 fn dd_into(src: &Path, dst: &Path, extra: &[&str]) {
     run_ok(
         Command::new("dd")
@@ -279,7 +269,7 @@ fn volumes_as_files_through_thinpool_up() {
             .arg(&web)
             .arg(&via_fuse),
     );
-    assert_same(&img_path, &via_fuse);
+    assert_cmp(&img_path, &via_fuse);
 
     // du tells the truth: 16 MiB written, 256 blocks mapped.
     let (_, mapped) = up.vol("web");
@@ -300,7 +290,7 @@ fn volumes_as_files_through_thinpool_up() {
             .arg(&web)
             .arg(&copy),
     );
-    assert_same(&img_path, &copy);
+    assert_cmp(&img_path, &copy);
     let copy_md = std::fs::metadata(&copy).unwrap();
     assert!(
         copy_md.blocks() * 512 <= 17 * MIB,
@@ -331,7 +321,7 @@ fn volumes_as_files_through_thinpool_up() {
             .arg(&web)
             .arg(&via_fuse),
     );
-    assert_same(&img_path, &via_fuse);
+    assert_cmp(&img_path, &via_fuse);
 
     // truncate: larger grows the volume online; smaller is refused and changes nothing.
     run_ok(Command::new("truncate").args(["-s", "128M"]).arg(&web));
@@ -368,7 +358,7 @@ fn volumes_as_files_through_thinpool_up() {
         "{}",
         text(&out.stderr)
     );
-    assert_same(&img_path, &snap);
+    assert_cmp(&img_path, &snap);
 
     // Volumes come and go.
     up.ok(&["vol", "create", "tmp", "--size", "1M"]);
@@ -398,7 +388,7 @@ fn volumes_as_files_through_thinpool_up() {
         up.log_text()
     );
     assert_eq!(up.names(), ["snap", "web"], "the files are back");
-    assert_same(&img_path, &web);
+    assert_cmp(&img_path, &web);
     run_ok(
         tool("qemu-img")
             .args(["convert", "-O", "raw"])
@@ -411,8 +401,8 @@ fn volumes_as_files_through_thinpool_up() {
     // What qemu-img read from the file is what `vol export` writes from the pool.
     let exported = work.join("export.raw");
     up.ok(&["vol", "export", "web", exported.to_str().unwrap()]);
-    assert_same(&via_fuse, &exported);
-    assert_same(&img_path, &exported);
+    assert_cmp(&via_fuse, &exported);
+    assert_cmp(&img_path, &exported);
 }
 
 /// Unmounts and detaches what a test set up, whatever happens.
