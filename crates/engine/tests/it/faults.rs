@@ -361,6 +361,31 @@ fn writes_fail(
     })
 }
 
+/// Open the pool in `root` again on working devices: blocks `0..flushed` of volume `v` read
+/// their first write (`pattern(1, …)`), the rest of `0..upto` zeros; then close it.
+fn reopen_and_read(
+    root: &std::path::Path,
+    data: &Arc<MemDevice>,
+    meta: &Arc<MemDevice>,
+    flushed: u64,
+    upto: u64,
+) {
+    let reopened = Pool::open_on(root, data.clone(), meta.clone(), opts()).unwrap();
+    let v = reopened.open_volume("v").unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..upto {
+        v.read_at(&mut buf, b * BS).unwrap();
+        let want = if b < flushed {
+            pattern(1, b * BS, BS as usize)
+        } else {
+            vec![0; BS as usize]
+        };
+        assert!(buf == want, "block {b} after the reopen");
+    }
+    drop(v);
+    reopened.close().unwrap();
+}
+
 #[test]
 fn after_a_read_only_abort_new_handles_read_what_was_flushed_and_errors_name_the_cause() {
     use thinpool_engine::PoolMode;
@@ -444,19 +469,7 @@ fn after_a_read_only_abort_new_handles_read_what_was_flushed_and_errors_name_the
 
     // The disk works again: the pool opens at its last commit, the metadata is clean.
     broken.store(false, Ordering::SeqCst);
-    let reopened = Pool::open_on(dir.path(), data.clone(), meta.clone(), opts()).unwrap();
-    let v = reopened.open_volume("v").unwrap();
-    for b in 0..12 {
-        v.read_at(&mut buf, b * BS).unwrap();
-        let want = if b < 8 {
-            block(1, b)
-        } else {
-            vec![0; BS as usize]
-        };
-        assert!(buf == want, "block {b} after the reopen");
-    }
-    drop(v);
-    reopened.close().unwrap();
+    reopen_and_read(dir.path(), &data, &meta, 8, 12);
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), meta.to_bytes()).unwrap();
     if have_tool("thin_check") {
@@ -520,18 +533,6 @@ fn after_a_failed_abort_every_io_fails_naming_the_cause() {
     // The device works again: the pool opens at its last commit, the metadata is clean.
     broken.store(false, Ordering::SeqCst);
     reads_broken.store(false, Ordering::SeqCst);
-    let reopened = Pool::open_on(dir.path(), data.clone(), meta.clone(), opts()).unwrap();
-    let v = reopened.open_volume("v").unwrap();
-    for b in 0..6 {
-        v.read_at(&mut buf, b * BS).unwrap();
-        let want = if b < 4 {
-            block(1, b)
-        } else {
-            vec![0; BS as usize]
-        };
-        assert!(buf == want, "block {b} after the reopen");
-    }
-    drop(v);
-    reopened.close().unwrap();
+    reopen_and_read(dir.path(), &data, &meta, 4, 6);
     our_check(meta.clone()).unwrap();
 }
