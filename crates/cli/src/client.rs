@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use thinpool_control::{Client, PoolStatus, VolumeInfo};
+use thinpool_control::{Client, PoolStatus, Resized, VolumeInfo};
 use thinpool_engine::Pool;
 
 /// The daemon serving the pool at `root`, if one answers on its control socket. A socket
@@ -95,11 +95,26 @@ impl Target<'_> {
         }
     }
 
-    /// Resize a volume.
-    pub fn resize_volume(&mut self, name: &str, size: u64) -> Result<()> {
+    /// Resize a volume. Filesystems are the daemon's business: without one, a volume holding
+    /// a filesystem is resized as any other, and `resize_fs` is refused.
+    pub fn resize_volume(&mut self, name: &str, size: u64, resize_fs: bool) -> Result<Resized> {
         match self {
-            Target::Daemon(c) => Ok(c.resize_volume(name, size)?),
-            Target::Local(p) => Ok(p.resize_volume(name, size)?),
+            Target::Daemon(c) => Ok(c.resize_volume(name, size, resize_fs)?),
+            Target::Local(p) => {
+                if resize_fs {
+                    anyhow::bail!(
+                        "--resize-fs needs the daemon (it serves the volume's file that e2fsck \
+                         and resize2fs work on): start `thinpool up`"
+                    );
+                }
+                let old_size = p.volume_info(name)?.size;
+                p.resize_volume(name, size)?;
+                Ok(Resized {
+                    old_size,
+                    new_size: size,
+                    filesystem: None,
+                })
+            }
         }
     }
 

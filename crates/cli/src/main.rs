@@ -8,6 +8,7 @@ mod client;
 mod docs;
 mod info;
 mod meta;
+mod mount;
 mod nbd;
 mod pool;
 mod size;
@@ -68,6 +69,15 @@ enum Command {
     /// Thin volumes and snapshots: create, snapshot, ls, resize, rm, import, export.
     #[command(subcommand)]
     Vol(vol::VolCommand),
+    /// Mount a volume's filesystem on a folder: attach a loop device to its file (direct I/O)
+    /// and mount it; --mkfs makes the filesystem first. Needs the daemon. The daemon remembers
+    /// it: a restart (even after a crash) mounts it again.
+    Mount(mount::MountArgs),
+    /// Unmount a volume (by mount point or name) and detach its loop device.
+    Umount {
+        /// The mount point, or the volume's name.
+        target: String,
+    },
     /// Serve volumes over NBD (qemu, nbdcopy, fio, nbd-client).
     #[command(subcommand)]
     Nbd(nbd::NbdCommand),
@@ -126,6 +136,8 @@ fn main() {
         Command::Vol(cmd) => vol::run(&root, cmd),
         Command::Meta(cmd) => meta::run(cmd),
         Command::Nbd(cmd) => nbd::run(&root, cmd),
+        Command::Mount(a) => mount::mount(&root, a),
+        Command::Umount { target } => mount::umount(&root, &target),
         Command::Up(a) => up::run(&root, a),
     };
     match code {

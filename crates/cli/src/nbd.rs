@@ -114,6 +114,25 @@ pub fn serve(root: &Path, opts: DaemonOptions) -> Result<i32> {
     );
     let sig = signals.wait();
     tracing::info!(signal = sig, "stopping");
+    // What the daemon mounted is unmounted first; a busy mount keeps it serving (its
+    // filesystem needs the volume's file) until it is free or a second signal forces it.
+    let mut said = String::new();
+    while let Err(busy) = daemon.release_mounts() {
+        if busy != said {
+            eprintln!(
+                "thinpool: not stopping yet: {busy}; still serving until it is free (stop again \
+                 to detach it lazily)"
+            );
+            said = busy;
+        }
+        if signals
+            .wait_timeout(std::time::Duration::from_secs(1))
+            .is_some()
+        {
+            eprintln!("thinpool: stopping anyway: busy mounts are detached lazily");
+            break;
+        }
+    }
     daemon
         .stop()
         .context("stopping the daemon (the pool is committed on the way out)")?;

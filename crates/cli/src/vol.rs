@@ -78,14 +78,36 @@ pub enum VolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Grow or shrink a volume (shrinking discards everything past the new end).
+    /// Grow or shrink a volume. A mounted volume's filesystem grows with it, online
+    /// (resize2fs, xfs_growfs); a mounted one is never shrunk. Shrinking a volume that holds
+    /// a filesystem is refused unless --resize-fs (unmounted ext2/3/4: checked and shrunk
+    /// first); shrinking anything else discards everything past the new end.
     Resize {
         /// Volume name.
         name: String,
-        /// New virtual size: bytes, or a number with a 1024-based unit: K, M, G, T, P
-        /// (optionally followed by iB or B: 10G = 10GiB = 10GB = 10 × 1024³ bytes).
-        #[arg(value_name = "SIZE", value_parser = parse_size)]
-        size: u64,
+        /// New virtual size, or +SIZE to grow by that much: bytes, or a number with a
+        /// 1024-based unit: K, M, G, T, P (optionally followed by iB or B: 10G = 10GiB = 10GB
+        /// = 10 × 1024³ bytes).
+        #[arg(value_name = "SIZE|+SIZE", value_parser = parse_new_size, allow_hyphen_values = true)]
+        size: NewSize,
+        /// Resize the volume's unmounted ext2/3/4 filesystem with it: `e2fsck -f`, then
+        /// `resize2fs` (before a shrink, after a grow; at the same size it grows the
+        /// filesystem to fill the volume). Needs the daemon.
+        #[arg(long, visible_alias = "shrink-fs")]
+        resize_fs: bool,
+    },
+    /// Attach a loop device to the volume's file (direct I/O) and print it. Needs the daemon.
+    Attach {
+        /// Volume name.
+        name: String,
+        /// Attach read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Detach the volume's loop device (`thinpool umount` when it is mounted).
+    Detach {
+        /// Volume name.
+        name: String,
     },
     /// Remove a volume or snapshot, returning its unshared blocks to the pool.
     Rm {
@@ -117,8 +139,26 @@ pub enum VolCommand {
     },
 }
 
+/// `vol resize`'s size: absolute, or grown by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewSize {
+    /// This size.
+    To(u64),
+    /// The current size plus this.
+    GrowBy(u64),
+}
+
+fn parse_new_size(s: &str) -> Result<NewSize, String> {
+    match s.trim().strip_prefix('+') {
+        Some(rest) => parse_size(rest).map(NewSize::GrowBy),
+        None => parse_size(s).map(NewSize::To),
+    }
+}
+
 pub fn run(root: &Path, cmd: VolCommand) -> Result<i32> {
     match cmd {
+        VolCommand::Attach { name, read_only } => crate::mount::attach(root, &name, read_only),
+        VolCommand::Detach { name } => crate::mount::detach(root, &name),
         VolCommand::Import { .. } | VolCommand::Export { .. } => {
             if let Some(daemon) = client::daemon(root)? {
                 bail!(copy_through_nbd(root, &cmd, daemon.daemon().pid));
@@ -220,22 +260,51 @@ fn exec(pool: &mut Target<'_>, root: &Path, cmd: VolCommand) -> Result<String> {
                 render_list(&vols, block_size)
             }
         }
-        VolCommand::Resize { name, size } => {
-            let old = pool
-                .volume_info(&name)
-                .with_context(|| format!("resizing volume {name:?} in the pool at {at}"))?
-                .size;
-            pool.resize_volume(&name, size)
-                .with_context(|| format!("resizing volume {name:?} in the pool at {at}"))?;
-            format!("resized volume {name}: {} -> {}\n", human(old), human(size))
+        VolCommand::Resize {
+            name,
+            size,
+            resize_fs,
+        } => {
+            let what = || format!("resizing volume {name:?} in the pool at {at}");
+            let size = match size {
+                NewSize::To(s) => s,
+                NewSize::GrowBy(d) => {
+                    let old = pool.volume_info(&name).with_context(what)?.size;
+                    old.checked_add(d)
+                        .with_context(|| format!("{old} + {d} bytes overflows"))
+                        .with_context(what)?
+                }
+            };
+            let r = pool
+                .resize_volume(&name, size, resize_fs)
+                .with_context(what)?;
+            let mut out = format!(
+                "resized volume {name}: {} -> {}\n",
+                human(r.old_size),
+                human(r.new_size)
+            );
+            if let Some(f) = r.filesystem {
+                out += &format!(
+                    "resized its {} filesystem{}: {} -> {}\n",
+                    f.fstype,
+                    f.mount_point
+                        .map_or(String::new(), |d| format!(" on {}", d.display())),
+                    human(f.old_size),
+                    human(f.new_size)
+                );
+            }
+            out
         }
         VolCommand::Rm { name } => {
             pool.remove_volume(&name)
                 .with_context(|| format!("removing volume {name:?} from the pool at {at}"))?;
             format!("removed volume {name}\n")
         }
-        VolCommand::Import { .. } | VolCommand::Export { .. } => {
-            bail!("internal: vol import/export are run by `copy`, on the pool itself")
+        VolCommand::Import { .. }
+        | VolCommand::Export { .. }
+        | VolCommand::Attach { .. }
+        | VolCommand::Detach { .. } => {
+            bail!("internal: vol import/export/attach/detach are not metadata commands")
         }
     })
 }
@@ -337,6 +406,18 @@ fn render_info(d: &VolumeDetail) -> String {
             v.highest_mapped_block
                 .map_or_else(|| "none".to_string(), |b| b.to_string()),
         ),
+        (
+            "Loop device",
+            v.loop_device
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |d| d.display().to_string()),
+        ),
+        (
+            "Mounted on",
+            v.mount_point
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |d| d.display().to_string()),
+        ),
     ])
 }
 
@@ -363,13 +444,24 @@ fn rfc3339(secs: u64) -> String {
     )
 }
 
-/// `vol ls` for people: one aligned row per volume.
+/// `vol ls` for people: one aligned row per volume; a LOOP and a MOUNT column when a volume is
+/// attached.
 fn render_list(vols: &[VolumeInfo], block_size: u64) -> String {
-    let header = ["NAME", "ID", "KIND", "SIZE", "USED", "USE%", "PARENT"].map(String::from);
+    let attached = vols.iter().any(|v| v.loop_device.is_some());
+    let mut header: Vec<String> = ["NAME", "ID", "KIND", "SIZE", "USED", "USE%", "PARENT"]
+        .map(String::from)
+        .into();
+    if attached {
+        header.extend(["LOOP", "MOUNT"].map(String::from));
+    }
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map_or_else(|| "-".to_string(), |d| d.display().to_string())
+    };
     let mut rows = vec![header];
     for v in vols {
         let used = v.mapped_blocks * block_size;
-        rows.push([
+        let mut row = vec![
             v.name.clone(),
             v.thin_id.to_string(),
             kind_name(v.kind).to_string(),
@@ -378,9 +470,14 @@ fn render_list(vols: &[VolumeInfo], block_size: u64) -> String {
             // A last partial block counts whole, so cap at 100 %.
             format!("{}%", percent(used.min(v.size), v.size)),
             v.parent.clone().unwrap_or_else(|| "-".to_string()),
-        ]);
+        ];
+        if attached {
+            row.push(path(&v.loop_device));
+            row.push(path(&v.mount_point));
+        }
+        rows.push(row);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = vec![0usize; rows[0].len()];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -389,7 +486,8 @@ fn render_list(vols: &[VolumeInfo], block_size: u64) -> String {
     let mut out = String::new();
     for r in &rows {
         let mut line = String::new();
-        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+        for (i, (c, w)) in r.iter().zip(&widths).enumerate() {
+            let w = *w;
             // Names left-aligned, numbers right-aligned.
             let cell = if matches!(i, 1 | 3 | 4 | 5) {
                 format!("{c:>w$}")
@@ -853,6 +951,8 @@ mod tests {
             created: 1_709_211_909,
             mapped_blocks: 2,
             highest_mapped_block: Some(9),
+            loop_device: None,
+            mount_point: None,
         };
         let t = render_info(&VolumeDetail::new(v, 64 << 10));
         for want in [
@@ -880,6 +980,8 @@ mod tests {
             created: 0,
             mapped_blocks: 16,
             highest_mapped_block: Some(15),
+            loop_device: None,
+            mount_point: None,
         };
         let s = VolumeInfo {
             name: "snap-of-base".into(),

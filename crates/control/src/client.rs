@@ -14,7 +14,7 @@ use crate::proto::{
     ErrorKind, Hello, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
     write_frame,
 };
-use crate::types::{CommittedMetadata, DataMoved, PoolStatus, VolumeInfo};
+use crate::types::{Attachment, CommittedMetadata, DataMoved, PoolStatus, Resized, VolumeInfo};
 
 /// Errors of the control client. A daemon's own refusal ([`Error::Daemon`]) shows the daemon's
 /// message unchanged, so that it reads as it would from the engine.
@@ -284,13 +284,38 @@ impl Client {
             .map(drop)
     }
 
-    /// Change a volume's virtual size.
-    pub fn resize_volume(&mut self, name: &str, size: u64) -> Result<()> {
-        self.call(&Request::VolumeResize {
+    /// Change a volume's virtual size (see [`Request::VolumeResize`]).
+    pub fn resize_volume(&mut self, name: &str, size: u64, resize_fs: bool) -> Result<Resized> {
+        self.call_as(&Request::VolumeResize {
             name: name.into(),
             size,
+            resize_fs,
         })
-        .map(drop)
+    }
+
+    /// Attach a loop device to a volume's file (see [`Request::VolumeAttach`]).
+    pub fn attach(&mut self, name: &str, read_only: bool) -> Result<Attachment> {
+        self.call_as(&Request::VolumeAttach {
+            name: name.into(),
+            read_only,
+        })
+    }
+
+    /// Detach a volume's loop device.
+    pub fn detach(&mut self, name: &str) -> Result<Attachment> {
+        self.call_as(&Request::VolumeDetach { name: name.into() })
+    }
+
+    /// Attach and mount a volume (see [`Request::Mount`]).
+    pub fn mount(&mut self, req: &Request) -> Result<Attachment> {
+        self.call_as(req)
+    }
+
+    /// Unmount and detach a volume, named or by its mount point.
+    pub fn umount(&mut self, target: &str) -> Result<Attachment> {
+        self.call_as(&Request::Umount {
+            target: target.into(),
+        })
     }
 
     /// Grow the pool's devices (`None`: take the device's current size).

@@ -48,4 +48,7 @@ pub use proto::{
     ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request,
     Response, SOCKET_NAME, read_frame, socket_path, write_frame,
 };
-pub use types::{CommittedMetadata, DataMoved, PoolMode, PoolStatus, VolumeInfo, VolumeKind};
+pub use types::{
+    Attachment, CommittedMetadata, DataMoved, FsResized, PoolMode, PoolStatus, Resized, VolumeInfo,
+    VolumeKind,
+};

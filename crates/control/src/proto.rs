@@ -61,12 +61,57 @@ pub enum Request {
         /// Volume name.
         name: String,
     },
-    /// Change a volume's virtual size; answered with `null`.
+    /// Change a volume's virtual size; answered with a [`Resized`](crate::Resized). A mounted
+    /// volume's filesystem grows with it, online; it is never shrunk while mounted.
     VolumeResize {
         /// Volume name.
         name: String,
         /// New size in bytes.
         size: u64,
+        /// An unmounted volume holding an ext2/3/4 filesystem: resize the filesystem with it,
+        /// offline (`e2fsck -f`, then `resize2fs`: before a shrink, after a grow; at the same
+        /// size, grow the filesystem to fill the volume). Without it, a shrink that would cut
+        /// a filesystem is refused.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resize_fs: bool,
+    },
+    /// Attach a loop device (direct I/O) to the volume's file in the FUSE export; answered
+    /// with an [`Attachment`](crate::Attachment).
+    VolumeAttach {
+        /// Volume name.
+        name: String,
+        /// Attach read-only.
+        read_only: bool,
+    },
+    /// Detach the volume's loop device; answered with the [`Attachment`](crate::Attachment)
+    /// undone. Refused while it is mounted.
+    VolumeDetach {
+        /// Volume name.
+        name: String,
+    },
+    /// Attach the volume and mount its filesystem on `dir` (made first with `mkfs` when
+    /// asked); answered with an [`Attachment`](crate::Attachment).
+    Mount {
+        /// Volume name.
+        name: String,
+        /// The mount point, an existing empty folder (absolute).
+        dir: PathBuf,
+        /// Make this filesystem first (`ext4`, `xfs`).
+        mkfs: Option<String>,
+        /// Make it even over a volume that holds data.
+        #[serde(default)]
+        force: bool,
+        /// Mount options, as `mount -o` takes them.
+        options: Option<String>,
+        /// Attach and mount read-only.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Unmount a volume (named, or by its mount point, absolute) and detach its loop device;
+    /// answered with the [`Attachment`](crate::Attachment) undone.
+    Umount {
+        /// A volume name or a mount point.
+        target: String,
     },
     /// Grow the data and/or metadata device (`None`: take the device's current size);
     /// answered with `null`.
@@ -111,6 +156,10 @@ impl Request {
             Request::Commit => "commit",
             Request::PoolCheck => "pool_check",
             Request::PoolMoveData { .. } => "pool_move_data",
+            Request::VolumeAttach { .. } => "volume_attach",
+            Request::VolumeDetach { .. } => "volume_detach",
+            Request::Mount { .. } => "mount",
+            Request::Umount { .. } => "umount",
         }
     }
 }
@@ -253,6 +302,28 @@ mod tests {
             Request::VolumeResize {
                 name: "a".into(),
                 size: 5,
+                resize_fs: false,
+            },
+            Request::VolumeResize {
+                name: "a".into(),
+                size: 5,
+                resize_fs: true,
+            },
+            Request::VolumeAttach {
+                name: "a".into(),
+                read_only: true,
+            },
+            Request::VolumeDetach { name: "a".into() },
+            Request::Mount {
+                name: "a".into(),
+                dir: "/mnt/a".into(),
+                mkfs: Some("ext4".into()),
+                force: false,
+                options: Some("noatime".into()),
+                read_only: false,
+            },
+            Request::Umount {
+                target: "/mnt/a".into(),
             },
             Request::PoolGrow {
                 data_size: Some(1 << 40),

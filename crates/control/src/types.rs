@@ -131,6 +131,13 @@ pub struct VolumeInfo {
     pub mapped_blocks: u64,
     /// Highest mapped virtual block.
     pub highest_mapped_block: Option<u64>,
+    /// The loop device the daemon attached to the volume's file, if any (not an engine
+    /// field: absent from the JSON when `None`, so the engine's JSON and this one agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_device: Option<PathBuf>,
+    /// Where the daemon mounted the volume's filesystem, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<PathBuf>,
 }
 
 /// The answer to [`Request::PoolCheck`](crate::Request::PoolCheck): the committed metadata a
@@ -157,4 +164,49 @@ pub struct DataMoved {
     pub block_size: u64,
     /// The old data file, kept under this name (the default data file inside `pool/`).
     pub old_data_kept: Option<PathBuf>,
+}
+
+/// A volume the daemon attached to a loop device, and mounted if asked: the answer to
+/// [`Request::VolumeAttach`](crate::Request::VolumeAttach),
+/// [`Request::Mount`](crate::Request::Mount) and [`Request::Umount`](crate::Request::Umount)
+/// (what was undone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The volume.
+    pub volume: String,
+    /// Its loop device (`/dev/loopN`).
+    pub loop_device: PathBuf,
+    /// Attached (and mounted) read-only.
+    pub read_only: bool,
+    /// Where its filesystem is mounted, if it is.
+    pub mount_point: Option<PathBuf>,
+    /// The filesystem's type (`ext4`, `xfs`), when mounted.
+    pub fstype: Option<String>,
+    /// Mount options given (`-o`), when mounted.
+    pub options: Option<String>,
+}
+
+/// The answer to [`Request::VolumeResize`](crate::Request::VolumeResize).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resized {
+    /// Virtual size before, in bytes.
+    pub old_size: u64,
+    /// Virtual size now, in bytes.
+    pub new_size: u64,
+    /// The filesystem resized with the volume, if one was.
+    pub filesystem: Option<FsResized>,
+}
+
+/// A filesystem resized with its volume: sizes as `df` shows them (mounted) or as
+/// `resize2fs` was asked (shrunk offline).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsResized {
+    /// `ext4`, `xfs`, …
+    pub fstype: String,
+    /// Where it is mounted (`None`: shrunk while unmounted).
+    pub mount_point: Option<PathBuf>,
+    /// Size before, in bytes.
+    pub old_size: u64,
+    /// Size after, in bytes.
+    pub new_size: u64,
 }

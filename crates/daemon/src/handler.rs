@@ -5,6 +5,8 @@ use serde::Serialize;
 use thinpool_control::{CommittedMetadata, ErrorKind, Hello, Request, Response};
 use thinpool_engine::Pool;
 
+use crate::mounts::{Mounts, Refusal};
+
 /// The protocol's kind for an engine error kind (one exhaustive match, so a new engine kind
 /// must be given a protocol kind here).
 pub(crate) fn kind_of(kind: thinpool_engine::ErrorKind) -> ErrorKind {
@@ -34,7 +36,7 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn answer<T: Serialize>(r: thinpool_engine::Result<T>) -> Response {
+fn answer<T: Serialize, E: Into<Refusal>>(r: Result<T, E>) -> Response {
     match r {
         Ok(v) => match serde_json::to_value(&v) {
             Ok(value) => Response::Ok { value },
@@ -44,11 +46,13 @@ fn answer<T: Serialize>(r: thinpool_engine::Result<T>) -> Response {
             },
         },
         Err(e) => {
-            let kind = kind_of(e.kind());
-            let message = chain(&e);
+            let Refusal { kind, message } = e.into();
             match kind {
                 // A user's mistake, answered: not the daemon's failure.
-                ErrorKind::NotFound | ErrorKind::Exists | ErrorKind::InvalidArgument => {
+                ErrorKind::NotFound
+                | ErrorKind::Exists
+                | ErrorKind::InvalidArgument
+                | ErrorKind::Busy => {
                     tracing::debug!(?kind, "request refused: {message}");
                 }
                 _ => tracing::error!(?kind, "request failed: {message}"),
@@ -58,21 +62,41 @@ fn answer<T: Serialize>(r: thinpool_engine::Result<T>) -> Response {
     }
 }
 
-/// Run `req` on `pool`; `hello` is this daemon's answer to [`Request::Hello`]. Blocks for as
-/// long as the operation takes (commits included).
-pub(crate) fn handle(pool: &Pool, hello: &Hello, req: Request) -> Response {
+/// A volume or a list of them, with the loop devices and mount points of `mounts` added.
+fn decorated<T: Serialize>(r: thinpool_engine::Result<T>, mounts: &Mounts) -> Response {
+    let mut resp = answer(r);
+    if let Response::Ok { value } = &mut resp {
+        mounts.decorate(value);
+    }
+    resp
+}
+
+/// Run `req` on `pool` and the daemon's `mounts`; `hello` is this daemon's answer to
+/// [`Request::Hello`]. Blocks for as long as the operation takes (commits, a mkfs included).
+pub(crate) fn handle(pool: &Pool, mounts: &Mounts, hello: &Hello, req: Request) -> Response {
     tracing::debug!(op = req.op(), request = ?req, "control request");
     match req {
         // A client of another protocol version gets our hello and decides (it knows both
         // numbers, so its message can say what to do).
-        Request::Hello { .. } => answer(Ok(hello)),
+        Request::Hello { .. } => answer::<_, Refusal>(Ok(hello)),
         Request::PoolStatus => answer(pool.status()),
-        Request::VolumeList => answer(pool.volumes()),
-        Request::VolumeInfo { name } => answer(pool.volume_info(&name)),
+        Request::VolumeList => decorated(pool.volumes(), mounts),
+        Request::VolumeInfo { name } => decorated(pool.volume_info(&name), mounts),
         Request::VolumeCreate { name, size } => answer(pool.create_volume(&name, size)),
-        Request::VolumeSnapshot { origin, name } => answer(pool.snapshot(&origin, &name)),
-        Request::VolumeRemove { name } => answer(pool.remove_volume(&name)),
-        Request::VolumeResize { name, size } => answer(pool.resize_volume(&name, size)),
+        Request::VolumeSnapshot { origin, name } => answer(mounts.snapshot(pool, &origin, &name)),
+        Request::VolumeRemove { name } => match mounts.refuse_removal(&name) {
+            Some(r) => answer::<(), _>(Err(r)),
+            None => answer(pool.remove_volume(&name)),
+        },
+        Request::VolumeResize {
+            name,
+            size,
+            resize_fs,
+        } => answer(mounts.resize(pool, &name, size, resize_fs)),
+        Request::VolumeAttach { name, read_only } => answer(mounts.attach(pool, &name, read_only)),
+        Request::VolumeDetach { name } => answer(mounts.detach(&name)),
+        req @ Request::Mount { .. } => answer(mounts.mount(pool, req)),
+        Request::Umount { target } => answer(mounts.umount(&target)),
         Request::PoolGrow {
             data_size,
             metadata_size,
@@ -126,15 +150,17 @@ mod tests {
     fn every_request() {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
+        let m = Mounts::load(dir.path());
         let h = hello();
         let ok = |r: Response| match r {
             Response::Ok { value } => value,
             Response::Error { kind, message } => panic!("{kind:?}: {message}"),
         };
-        let v = ok(handle(&p, &h, Request::Hello { protocol: 1 }));
+        let v = ok(handle(&p, &m, &h, Request::Hello { protocol: 1 }));
         assert_eq!(serde_json::from_value::<Hello>(v).unwrap(), h);
         let v = ok(handle(
             &p,
+            &m,
             &h,
             Request::VolumeCreate {
                 name: "a".into(),
@@ -144,6 +170,7 @@ mod tests {
         assert_eq!(v["name"], "a");
         ok(handle(
             &p,
+            &m,
             &h,
             Request::VolumeSnapshot {
                 origin: "a".into(),
@@ -152,32 +179,40 @@ mod tests {
         ));
         ok(handle(
             &p,
+            &m,
             &h,
             Request::VolumeResize {
                 name: "b".into(),
                 size: 2 << 20,
+                resize_fs: false,
             },
         ));
-        let v = ok(handle(&p, &h, Request::VolumeInfo { name: "b".into() }));
+        let v = ok(handle(&p, &m, &h, Request::VolumeInfo { name: "b".into() }));
         assert_eq!(v["size"], 2 << 20);
         assert_eq!(v["parent"], "a");
-        let v = ok(handle(&p, &h, Request::VolumeList));
+        let v = ok(handle(&p, &m, &h, Request::VolumeList));
         assert_eq!(v.as_array().unwrap().len(), 2);
-        ok(handle(&p, &h, Request::VolumeRemove { name: "b".into() }));
         ok(handle(
             &p,
+            &m,
+            &h,
+            Request::VolumeRemove { name: "b".into() },
+        ));
+        ok(handle(
+            &p,
+            &m,
             &h,
             Request::PoolGrow {
                 data_size: Some(128 << 20),
                 metadata_size: None,
             },
         ));
-        ok(handle(&p, &h, Request::Commit));
-        let v = ok(handle(&p, &h, Request::PoolCheck));
+        ok(handle(&p, &m, &h, Request::Commit));
+        let v = ok(handle(&p, &m, &h, Request::PoolCheck));
         let c: CommittedMetadata = serde_json::from_value(v).unwrap();
         assert_eq!(c.metadata_path, dir.path().join("pool").join("metadata"));
         assert_eq!(c.transaction_id, p.status().unwrap().transaction_id);
-        let v = ok(handle(&p, &h, Request::PoolStatus));
+        let v = ok(handle(&p, &m, &h, Request::PoolStatus));
         assert_eq!(v["total_data_blocks"], 128 * 16);
         assert_eq!(v["volumes"], 1);
         p.close().unwrap();
@@ -187,8 +222,9 @@ mod tests {
     fn errors_keep_kind_and_message() {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
+        let m = Mounts::load(dir.path());
         let h = hello();
-        let r = handle(&p, &h, Request::VolumeRemove { name: "zz".into() });
+        let r = handle(&p, &m, &h, Request::VolumeRemove { name: "zz".into() });
         let expected = p.remove_volume("zz").unwrap_err();
         assert_eq!(
             r,
@@ -199,6 +235,7 @@ mod tests {
         );
         handle(
             &p,
+            &m,
             &h,
             Request::VolumeCreate {
                 name: "a".into(),
@@ -207,6 +244,7 @@ mod tests {
         );
         let r = handle(
             &p,
+            &m,
             &h,
             Request::VolumeCreate {
                 name: "a".into(),
@@ -219,6 +257,7 @@ mod tests {
         );
         let r = handle(
             &p,
+            &m,
             &h,
             Request::VolumeCreate {
                 name: "b".into(),

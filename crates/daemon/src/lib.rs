@@ -44,6 +44,7 @@
 
 mod handler;
 mod metrics;
+mod mounts;
 mod server;
 mod signals;
 mod socket;
@@ -60,6 +61,7 @@ use thinpool_nbd::{NbdConfig, NbdServer};
 pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
 
 use crate::metrics::MetricsServer;
+use crate::mounts::Mounts;
 use crate::server::ControlServer;
 
 /// Errors of the daemon. Messages say what and where; the engine's error is the source.
@@ -198,6 +200,8 @@ pub struct Daemon {
     server: Option<ControlServer>,
     nbd: Option<NbdServer>,
     fuse: Option<FuseServer>,
+    /// What this daemon attached and mounted (and its record, `ROOT/mounts.json`).
+    mounts: Arc<Mounts>,
     /// Why FUSE is not served, when it was asked for and is unavailable.
     fuse_unavailable: Option<String>,
     metrics: Option<MetricsServer>,
@@ -291,7 +295,8 @@ impl Daemon {
             }
         }
         let pool = Arc::new(pool);
-        let server = match ControlServer::start(pool.clone(), root, &socket_path) {
+        let mounts = Arc::new(Mounts::load(root));
+        let server = match ControlServer::start(pool.clone(), mounts.clone(), root, &socket_path) {
             Ok(s) => s,
             Err(e) => {
                 if let Ok(p) = Arc::try_unwrap(pool) {
@@ -307,6 +312,7 @@ impl Daemon {
             server: Some(server),
             nbd: None,
             fuse: None,
+            mounts,
             fuse_unavailable: None,
             metrics: None,
         };
@@ -315,8 +321,14 @@ impl Daemon {
             daemon.nbd = Some(NbdServer::start(daemon.pool(), cfg)?);
         }
         if let Some(cfg) = &opts.fuse {
+            // Filesystems and loop devices a killed daemon left over its dead export go first,
+            // so that the export mounts again and what was mounted is mounted over it anew.
+            daemon.mounts.clear_stale(&cfg.mount_dir);
             match FuseServer::start(daemon.pool(), cfg) {
-                Ok(f) => daemon.fuse = Some(f),
+                Ok(f) => {
+                    daemon.mounts.restore(&daemon.pool(), f.mount_dir());
+                    daemon.fuse = Some(f);
+                }
                 Err(e) if e.is_unavailable() && !opts.fuse_required => {
                     tracing::warn!("not serving volumes as files: {e}");
                     daemon.fuse_unavailable = Some(e.to_string());
@@ -374,7 +386,15 @@ impl Daemon {
         &self.socket_path
     }
 
-    /// Stop: unmount the volumes' files, stop NBD, refuse new control connections, close the
+    /// Unmount and detach what this daemon mounted and attached (it stays recorded, so the
+    /// next start mounts it again). A busy mount stops this with a message naming who uses
+    /// it (what was done so far stays done); call again when it is free, or stop anyway
+    /// ([`Daemon::stop`] detaches busy mounts lazily).
+    pub fn release_mounts(&self) -> std::result::Result<(), String> {
+        self.mounts.release(false)
+    }
+
+    /// Stop: unmount what it mounted (lazily when busy), unmount the volumes' files, stop NBD, refuse new control connections, close the
     /// open ones (a request in progress finishes first), remove the socket, then commit and
     /// close the pool. Blocks until all of that is done. Fails with [`Error::PoolStillShared`] (after committing) when clones
     /// of [`Daemon::pool`] are still alive.
@@ -384,7 +404,13 @@ impl Daemon {
 
     fn shutdown(&mut self) -> Result<()> {
         // Front-ends first: the requests they already read are answered, then they let go
-        // of the pool. The volumes' files are unmounted before the pool closes.
+        // of the pool. The volumes' files are unmounted before the pool closes, and the
+        // filesystems over them before that.
+        if self.fuse.is_some()
+            && let Err(busy) = self.mounts.release(true)
+        {
+            tracing::warn!("{busy}");
+        }
         if let Some(fuse) = self.fuse.take() {
             fuse.stop();
         }

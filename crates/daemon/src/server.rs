@@ -28,6 +28,7 @@ use thinpool_control::{
 use thinpool_engine::Pool;
 
 use crate::handler::handle;
+use crate::mounts::Mounts;
 use crate::socket::{self, FileId};
 use crate::{Error, Result};
 
@@ -37,6 +38,7 @@ const REFUSED_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// What every connection thread shares.
 struct Shared {
     pool: Arc<Pool>,
+    mounts: Arc<Mounts>,
     root: PathBuf,
     uid: u32,
     hello: Hello,
@@ -54,7 +56,12 @@ pub(crate) struct ControlServer {
 
 impl ControlServer {
     /// Bind `path` (mode 0600) and start accepting.
-    pub fn start(pool: Arc<Pool>, root: &Path, path: &Path) -> Result<ControlServer> {
+    pub fn start(
+        pool: Arc<Pool>,
+        mounts: Arc<Mounts>,
+        root: &Path,
+        path: &Path,
+    ) -> Result<ControlServer> {
         let (listener, id) = socket::bind(path)?;
         let (wake, wake_rx) = UnixStream::pair().map_err(|source| Error::Socket {
             what: "creating the stop channel for",
@@ -64,6 +71,7 @@ impl ControlServer {
         let uid = rustix::process::geteuid().as_raw();
         let shared = Arc::new(Shared {
             pool,
+            mounts,
             root: root.to_path_buf(),
             uid,
             hello: Hello {
@@ -239,7 +247,10 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) {
                 Ok(None) => break,
                 Ok(Some(line)) if line.trim().is_empty() => continue,
                 Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => (handle(&shared.pool, &shared.hello, req), false),
+                    Ok(req) => (
+                        handle(&shared.pool, &shared.mounts, &shared.hello, req),
+                        false,
+                    ),
                     Err(e) => (
                         Response::Error {
                             kind: ErrorKind::Protocol,

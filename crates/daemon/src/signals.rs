@@ -30,6 +30,24 @@ impl ShutdownSignals {
     }
 }
 
+impl ShutdownSignals {
+    /// Wait up to `timeout` for SIGTERM or SIGINT; `None` when none came.
+    pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(sig) = self.signals.pending().next() {
+                tracing::info!(signal = sig, "shutdown signal received");
+                return Some(sig);
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(100)));
+        }
+    }
+}
+
 /// Install the handlers and block until SIGTERM or SIGINT arrives; returns the signal's
 /// number. Prefer [`ShutdownSignals`] when the daemon starts after this would be called.
 pub fn wait_for_shutdown_signal() -> Result<i32> {

@@ -175,7 +175,7 @@ fn engine_errors_reach_the_client_with_their_kind() {
         ErrorKind::Exists
     );
     assert_eq!(
-        c.resize_volume("a", 0).unwrap_err().kind(),
+        c.resize_volume("a", 0, false).unwrap_err().kind(),
         ErrorKind::InvalidArgument
     );
     assert_eq!(
@@ -204,7 +204,7 @@ fn concurrent_clients() {
                     let name = format!("v{t}-{i}");
                     c.create_volume(&name, 1 << 20).unwrap();
                     c.snapshot(&name, &format!("{name}-snap")).unwrap();
-                    c.resize_volume(&name, 2 << 20).unwrap();
+                    c.resize_volume(&name, 2 << 20, false).unwrap();
                 }
             })
         })
