@@ -62,6 +62,14 @@ fn failed(what: &str, name: &str, e: &thinpool_engine::Error) -> Errno {
     errno_of(e)
 }
 
+thread_local! {
+    /// The buffer reads are answered from, one per serving thread, kept at the largest read
+    /// seen (the kernel sends at most max_pages pages, 1 MiB by default): a read neither
+    /// allocates nor zero-fills (a fresh zeroed 1 MiB buffer per request cost as much CPU as
+    /// the copy to the kernel).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// An open file: a volume handle and what the opener may do.
 struct OpenFile {
     vol: Volume,
@@ -570,22 +578,28 @@ impl Filesystem for VolumeFs {
         reply: ReplyData,
     ) {
         let sh = &self.shared;
-        let r = sh.with_pool(|_| {
-            let f = sh.file(fh)?;
-            let vsize = f.vol.size();
-            let n = u64::from(size).min(vsize.saturating_sub(offset)) as usize;
-            let mut buf = vec![0u8; n];
-            if n > 0 {
-                f.vol
-                    .read_at(&mut buf, offset)
-                    .map_err(|e| failed("read", f.vol.name(), &e))?;
+        READ_BUF.with_borrow_mut(|buf| {
+            let r = sh.with_pool(|_| {
+                let f = sh.file(fh)?;
+                let vsize = f.vol.size();
+                let n = u64::from(size).min(vsize.saturating_sub(offset)) as usize;
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                if n > 0 {
+                    // Every byte of buf[..n] is written (data or zeros) when this succeeds;
+                    // on an error nothing of the buffer is sent.
+                    f.vol
+                        .read_at(&mut buf[..n], offset)
+                        .map_err(|e| failed("read", f.vol.name(), &e))?;
+                }
+                Ok(n)
+            });
+            match r {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(e),
             }
-            Ok(buf)
         });
-        match r {
-            Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(e),
-        }
     }
 
     fn write(

@@ -326,3 +326,37 @@ fn unusable_mount_folders_are_refused() {
     assert_eq!(mode & 0o777, 0o700);
     Arc::try_unwrap(pool).ok().unwrap().close().unwrap();
 }
+
+#[test]
+fn reads_show_no_bytes_of_an_earlier_read() {
+    // One serving thread: every read is answered from the same reused buffer.
+    let Some(m) = mount(&[("a", 4 * MIB), ("b", 4 * MIB), ("c", MIB + 100)], |c| {
+        c.threads = Some(1)
+    }) else {
+        return;
+    };
+    let data = pattern(7, MIB as usize);
+    rw(&m.path("a")).write_all_at(&data, 0).unwrap();
+    rw(&m.path("c")).write_all_at(b"c", MIB).unwrap();
+    let mut back = vec![0u8; MIB as usize];
+    File::open(m.path("a"))
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert_eq!(back, data);
+    // Never written: zeros, although the buffer last held a's bytes.
+    back.fill(0xff);
+    File::open(m.path("b"))
+        .unwrap()
+        .read_exact_at(&mut back, MIB)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0), "b reads a's bytes");
+    // Partly mapped (one 64 KiB block of c at 1 MiB) and cut at the end of the file.
+    let f = File::open(m.path("c")).unwrap();
+    let mut back = vec![0xffu8; MIB as usize];
+    assert_eq!(f.read_at(&mut back, MIB - 100).unwrap(), 200);
+    assert!(back[..100].iter().all(|&b| b == 0));
+    assert_eq!(back[100], b'c');
+    assert!(back[101..200].iter().all(|&b| b == 0));
+    m.stop();
+}
