@@ -9,184 +9,32 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use rand::{Rng, SeedableRng};
+use thinpool_tests::daemon::{Up, fuse_usable, is_mounted};
 use thinpool_tests::nbd::assert_cmp;
-use thinpool_tests::{
-    TempDir, require_tools, run, run_ok, scratch, skip_or_fail, test_seed, text, thinpool, tool,
-};
+use thinpool_tests::{require_tools, run, run_ok, test_seed, text, tool};
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 64 << 10;
 
-/// `thinpool up` on a fresh root, stderr in a log file.
-struct Up {
-    dir: TempDir,
-    root: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
+/// The pool every test here serves: small sparse files.
+const POOL: [&str; 4] = ["--data-size", "1G", "--metadata-size", "16M"];
+
+/// `thinpool up` with [`POOL`] and `extra`.
+fn start_up(extra: &[&str]) -> Up {
+    Up::start(&[&POOL[..], extra].concat())
 }
 
-impl Up {
-    fn start(extra: &[&str]) -> Up {
-        let dir = scratch();
-        let root = dir.path().join("root");
-        let log = dir.path().join("up.log");
-        let mut up = Up {
-            dir,
-            root,
-            child: None,
-            log,
-        };
-        up.spawn(extra);
-        up
-    }
-
-    fn spawn(&mut self, extra: &[&str]) {
-        let logf = std::fs::File::create(&self.log).unwrap();
-        let mut c = self.cmd(&["up", "--data-size", "1G", "--metadata-size", "16M"]);
-        c.args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf);
-        self.child = Some(c.spawn().expect("start thinpool up"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // The last line `up` prints once everything is served (an earlier log line may
-        // mention a stale control socket).
-        while !self.log_text().contains("stop with SIGTERM") {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!("thinpool up exited ({st}):\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "thinpool up did not start in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = thinpool(["--root".as_ref(), self.root.as_os_str()]);
-        c.args(args).env_remove("THINPOOL_ROOT");
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        text(&run_ok(&mut self.cmd(args)).stdout)
-    }
-
-    fn files(&self) -> PathBuf {
-        self.root.join("files")
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.files().join(name)
-    }
-
-    /// `(size, mapped_blocks)` of a volume from `vol ls --json`.
-    fn vol(&self, name: &str) -> (u64, u64) {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ok(&["vol", "ls", "--json"])).unwrap();
-        let v = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name)
-            .unwrap_or_else(|| panic!("no volume {name} in vol ls --json"));
-        (
-            v["size"].as_u64().unwrap(),
-            v["mapped_blocks"].as_u64().unwrap(),
-        )
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut n: Vec<String> = std::fs::read_dir(self.files())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        n.sort();
-        n
-    }
-
-    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "thinpool up did not exit within 60 s of SIG{sig}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM: exit 0, the files unmounted.
-    fn stop(&mut self) {
-        let st = self.signal("TERM");
-        assert!(
-            st.success(),
-            "thinpool up exited {st}:\n{}",
-            self.log_text()
-        );
-        assert!(
-            !is_mounted(&self.files()),
-            "ROOT/files still mounted after stop"
-        );
-    }
-
-    fn thin_check(&self) {
-        run_ok(tool("thin_check").arg(self.root.join("pool/metadata")));
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            eprintln!("thinpool up log:\n{}", self.log_text());
-        }
-        // A killed daemon leaves its mount behind (ENOTCONN): take it away.
-        if is_mounted(&self.files()) {
-            let _ = Command::new("umount").arg("-l").arg(self.files()).status();
-        }
-    }
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let p = p.to_str().unwrap();
-    mounts.lines().any(|l| l.split(' ').nth(1) == Some(p))
-}
-
-fn fuse_usable() -> bool {
-    if !is_root() || !Path::new("/dev/fuse").exists() {
-        return skip_or_fail("the FUSE export needs root and /dev/fuse");
-    }
-    true
-}
-
-fn is_root() -> bool {
-    // `id -u` rather than a libc call: the tests crate has no unsafe and no libc.
-    let out = run_ok(Command::new("id").arg("-u"));
-    text(&out.stdout).trim() == "0"
+/// The files in the FUSE export, sorted.
+fn names(up: &Up) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(up.files())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    n.sort();
+    n
 }
 
 /// `python3 -c` printing `os.lseek(fd, offset, SEEK_DATA|SEEK_HOLE)`, or the errno name.
@@ -237,7 +85,7 @@ fn volumes_as_files_through_thinpool_up() {
         return;
     }
     let seed = test_seed();
-    let mut up = Up::start(&["--snapshots-read-only"]);
+    let mut up = start_up(&["--snapshots-read-only"]);
     let log = up.log_text();
     assert!(
         log.contains(&format!(
@@ -362,9 +210,9 @@ fn volumes_as_files_through_thinpool_up() {
 
     // Volumes come and go.
     up.ok(&["vol", "create", "tmp", "--size", "1M"]);
-    assert_eq!(up.names(), ["snap", "tmp", "web"]);
+    assert_eq!(names(&up), ["snap", "tmp", "web"]);
     up.ok(&["vol", "rm", "tmp"]);
-    assert_eq!(up.names(), ["snap", "web"]);
+    assert_eq!(names(&up), ["snap", "web"]);
     assert!(!up.file("tmp").exists());
 
     // fsync, then kill -9: the next `up` clears the dead mount and the data is there.
@@ -387,7 +235,7 @@ fn volumes_as_files_through_thinpool_up() {
         "the stale mount is named:\n{}",
         up.log_text()
     );
-    assert_eq!(up.names(), ["snap", "web"], "the files are back");
+    assert_eq!(names(&up), ["snap", "web"], "the files are back");
     assert_cmp(&img_path, &web);
     run_ok(
         tool("qemu-img")
@@ -434,7 +282,7 @@ fn a_loop_device_over_a_volume_file_carries_ext4() {
     {
         return;
     }
-    let mut up = Up::start(&[]);
+    let mut up = start_up(&[]);
     up.ok(&["vol", "create", "fs", "--size", "256M"]);
     let file = up.file("fs");
     let out = run_ok(
@@ -498,7 +346,7 @@ fn fuse_options_of_up() {
         return;
     }
     // --no-fuse: nothing mounted.
-    let mut up = Up::start(&["--no-fuse"]);
+    let mut up = start_up(&["--no-fuse"]);
     assert!(!is_mounted(&up.files()));
     assert!(!up.log_text().contains("as files"));
     up.stop();

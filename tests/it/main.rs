@@ -21,6 +21,9 @@
 //!   nbdsh, fio, TLS) and a raw protocol client.
 //! - `fuse`: volumes as files: `thinpool up`'s FUSE mount driven with dd, cp, du, fallocate,
 //!   truncate, qemu-img and lseek; kill -9 and restart; a loop device carrying ext4.
+//! - `filesystems`: `thinpool mount --mkfs ext4|xfs`, trees compared, frozen snapshots mounted
+//!   elsewhere, growth while a writer runs, `--resize-fs`, fstrim, kill -9 while fsyncing and
+//!   `up` mounting again, a busy graceful stop, bad inputs; e2fsck/xfs_repair and thin_check.
 //! - `hostfull`: the host file system under the pool fills up: ENOSPC, no wedge, recovery.
 //! - `host_shutdown`: the host file system under the pool is shut down (`xfs_io shutdown`):
 //!   flushed writes survive, as they do in a raw file served by nbdkit beside it.
@@ -39,6 +42,7 @@ mod cli_info;
 mod cli_pool;
 mod daemon;
 mod engine_kernel;
+mod filesystems;
 mod fuse;
 mod host_shutdown;
 mod hostfull;

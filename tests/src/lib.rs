@@ -28,6 +28,7 @@ pub use thinpool_testkit::{
     vector_file as vector, vector_xml, which,
 };
 
+pub mod daemon;
 pub mod kernel;
 pub mod nbd;
 pub mod pool;

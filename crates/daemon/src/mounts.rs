@@ -488,8 +488,14 @@ impl Mounts {
         if let Some(t) = mkfs {
             filesystem::mkfs(&dev, t).map_err(|e| undo(e.into()))?;
         }
-        mount::mount(&dev, &dir, fstype, options.as_deref(), read_only)
-            .map_err(|e| undo(e.into()))?;
+        mount::mount(&dev, &dir, fstype, options.as_deref(), read_only).map_err(|e| {
+            let mut r = Refusal::from(e);
+            if fstype == FsType::Xfs && read_only {
+                r.message += "; an XFS snapshot's log needs recovery even when it was frozen: \
+                              mount it read-write, or read-only with `-o norecovery`";
+            }
+            undo(r)
+        })?;
         let rec = Record {
             read_only,
             loop_device: Some(dev.clone()),

@@ -57,6 +57,10 @@ pub(crate) fn failed<S: AsRef<OsStr>>(tool: &str, args: &[S], out: &Output) -> E
     if stderr.is_empty() {
         stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
     }
+    // The reason comes first; a usage text after it says nothing more.
+    if stderr.lines().count() > 4 {
+        stderr = stderr.lines().take(4).collect::<Vec<_>>().join("\n") + "\n…";
+    }
     Error::Tool {
         command: command_line(tool, &args),
         status: out.status.to_string(),
