@@ -585,19 +585,7 @@ fn graceful_stop_waits_for_a_busy_mount_and_up_mounts_again() {
     busy.kill().unwrap();
     busy.wait().unwrap();
     // Free now: it stops by itself, everything unmounted and detached.
-    let mut child = up.child.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not stop once free:\n{}",
-            up.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = up.wait_exit("once the busy mount was free");
     assert!(st.success(), "{st}:\n{}", up.log_text());
     assert!(mounted(&dir).is_none());
     assert!(loops().iter().all(|(_, f)| !f.starts_with(up.files())));

@@ -137,13 +137,19 @@ impl Up {
 
     /// Send `SIG` to the daemon and wait (60 s at most) for it to exit.
     pub fn signal(&mut self, sig: &str) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
+        let pid = self.child.as_ref().expect("running").id();
         let ok = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
+            .arg(pid.to_string())
             .status()
             .unwrap();
         assert!(ok.success());
+        self.wait_exit(&format!("of SIG{sig}"))
+    }
+
+    /// Wait (60 s at most) for the daemon to exit; `after` says after what, for the message.
+    pub fn wait_exit(&mut self, after: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -151,7 +157,7 @@ impl Up {
             }
             assert!(
                 Instant::now() < deadline,
-                "thinpool up did not exit within 60 s of SIG{sig}:\n{}",
+                "thinpool up did not exit within 60 s {after}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
