@@ -64,6 +64,10 @@ pub(crate) struct Entry {
     /// mappings past `size` are to be removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shrinking: Option<u64>,
+    /// Free-form labels of the volume's owner (the layer store keeps its snapshot records
+    /// here, so they change in the same atomic write as the volume itself).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

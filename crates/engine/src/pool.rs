@@ -138,7 +138,12 @@ pub struct VolumeInfo {
     pub mapped_blocks: u64,
     /// Highest mapped virtual block.
     pub highest_mapped_block: Option<u64>,
+    /// The owner's labels ([`Pool::create_labeled`], [`Pool::set_labels`]).
+    pub labels: Labels,
 }
+
+/// Labels of a volume: what its owner records with it (key → value).
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 pub(crate) struct MetaState {
     pub md: ThinMetadata,
@@ -712,16 +717,25 @@ impl Pool {
 
     /// Create an empty volume of `size` bytes.
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
-        self.add_volume(name, size, None)
+        self.create_labeled(name, size, None, Labels::new())
     }
 
     /// Snapshot `origin` as `name` (O(1)). The origin is quiesced for the moment of the
     /// snapshot: writes in flight finish first, later ones see the new sharing.
     pub fn snapshot(&self, origin: &str, name: &str) -> Result<VolumeInfo> {
-        self.add_volume(name, 0, Some(origin))
+        self.create_labeled(name, 0, Some(origin), Labels::new())
     }
 
-    fn add_volume(&self, name: &str, size: u64, origin: Option<&str>) -> Result<VolumeInfo> {
+    /// Create `name` — a snapshot of `origin`, or else an empty volume of `size` bytes — with
+    /// `labels`, all in one step: after a crash the volume exists with its labels or not at
+    /// all.
+    pub fn create_labeled(
+        &self,
+        name: &str,
+        size: u64,
+        origin: Option<&str>,
+        labels: Labels,
+    ) -> Result<VolumeInfo> {
         check_name(name)?;
         if origin.is_none() && size == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -764,6 +778,7 @@ impl Pool {
             created: now(),
             removing: false,
             shrinking: None,
+            labels,
         };
         // Catalog first (rolled back on open if the metadata commit does not happen).
         cat.volumes.insert(name.to_string(), e.clone());
@@ -790,6 +805,49 @@ impl Pool {
         tracing::info!(volume = name, thin_id, size, origin, "volume created");
         let mut st = self.inner.md();
         info_of(&mut st.md, &e)
+    }
+
+    /// Replace the labels of `name` in one atomic write of the catalog (the metadata is not
+    /// touched). Refused on a read-only pool, like every change.
+    pub fn set_labels(&self, name: &str, labels: Labels) -> Result<VolumeInfo> {
+        let mut cat = self.inner.catalog();
+        entry(&cat, name)?;
+        let mut st = self.inner.md_writable()?;
+        let e = cat.volumes.get_mut(name).expect("entry looked up above");
+        let old = std::mem::replace(&mut e.labels, labels);
+        if let Err(err) = cat.save() {
+            cat.volumes.get_mut(name).expect("entry looked up above").labels = old;
+            return Err(err);
+        }
+        info_of(&mut st.md, &cat.volumes[name])
+    }
+
+    /// For every volume, the data blocks it maps that no other mapping shares (`thin_ls`'s
+    /// EXCLUSIVE_BLOCKS: a block two devices reach through a shared subtree counts for both),
+    /// from the live metadata. One walk of every device's mappings, twice.
+    pub fn exclusive_blocks(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let cat = self.inner.catalog();
+        let mut st = self.inner.md();
+        let devices = st.md.devices()?;
+        let mut refs: HashMap<u64, u8> = HashMap::new();
+        for (id, _) in &devices {
+            st.md.mappings(*id, 0, &mut |_, b, _| {
+                let n = refs.entry(b).or_insert(0);
+                *n = n.saturating_add(1);
+                true
+            })?;
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for e in cat.volumes.values() {
+            let id = ThinId::new(e.thin_id as u64)?;
+            let mut n = 0u64;
+            st.md.mappings(id, 0, &mut |_, b, _| {
+                n += u64::from(refs.get(&b) == Some(&1));
+                true
+            })?;
+            out.insert(e.name.clone(), n);
+        }
+        Ok(out)
     }
 
     /// Remove a volume; its blocks return to the pool. Busy while a handle is open.
@@ -1135,6 +1193,7 @@ fn info_of(md: &mut ThinMetadata, e: &Entry) -> Result<VolumeInfo> {
         created: e.created,
         mapped_blocks: d.mapped_blocks,
         highest_mapped_block: highest,
+        labels: e.labels.clone(),
     })
 }
 
@@ -1243,6 +1302,7 @@ fn reconcile(
                 created: now(),
                 removing: false,
                 shrinking: None,
+                labels: Labels::new(),
             },
         );
         changed_cat = true;

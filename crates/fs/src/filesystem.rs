@@ -2,6 +2,7 @@
 //! as `df` sees it, growing it online, shrinking an unmounted ext4, freezing it.
 
 use std::fmt;
+use std::ffi::OsStr;
 use std::path::Path;
 
 use crate::{Error, Result, tool};
@@ -94,21 +95,25 @@ pub fn probe(device: &Path) -> Result<Option<String>> {
 
 /// Make a `fstype` filesystem on `device`, over whatever is there (the caller checks).
 pub fn mkfs(device: &Path, fstype: FsType) -> Result<()> {
-    let dev = device.as_os_str();
-    match fstype {
-        FsType::Xfs => tool::run("mkfs.xfs", &["-q".as_ref(), "-f".as_ref(), dev]),
-        t => tool::run(
-            "mkfs.ext4",
-            &[
-                "-q".as_ref(),
-                "-F".as_ref(),
-                "-t".as_ref(),
-                t.mount_type().as_ref(),
-                dev,
-            ],
-        ),
-    }
-    .map(drop)
+    mkfs_with(device, fstype, &[])
+}
+
+/// [`mkfs`] with more options for `mkfs.xfs` or `mke2fs` (before the device).
+pub fn mkfs_with(device: &Path, fstype: FsType, options: &[&str]) -> Result<()> {
+    let mut args: Vec<&OsStr> = vec!["-q".as_ref()];
+    let program = match fstype {
+        FsType::Xfs => {
+            args.push("-f".as_ref());
+            "mkfs.xfs"
+        }
+        t => {
+            args.extend(["-F", "-t", t.mount_type()].map(OsStr::new));
+            "mkfs.ext4"
+        }
+    };
+    args.extend(options.iter().map(|o| OsStr::new(*o)));
+    args.push(device.as_os_str());
+    tool::run(program, &args).map(drop)
 }
 
 /// The size of the filesystem mounted on `dir` as `df` shows it (bytes).
