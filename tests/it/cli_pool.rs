@@ -720,7 +720,18 @@ fn malformed_sizes_are_refused() {
         assert!(err.contains("invalid"), "size {bad:?}: {err}");
     }
     // `vol resize` also takes +DELTA, so "+1" is a size there; a malformed delta is not.
-    for bad in ["10Q", "1.5G", "abc", "", "G", "+", "++1G", "+1.5G", "99999999P", "10 GiBs"] {
+    for bad in [
+        "10Q",
+        "1.5G",
+        "abc",
+        "",
+        "G",
+        "+",
+        "++1G",
+        "+1.5G",
+        "99999999P",
+        "10 GiBs",
+    ] {
         let err = r.fails(&["vol", "resize", "x", bad]);
         assert!(err.contains("invalid"), "size {bad:?}: {err}");
     }
