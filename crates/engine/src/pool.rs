@@ -138,7 +138,9 @@ pub struct VolumeInfo {
     pub mapped_blocks: u64,
     /// Highest mapped virtual block.
     pub highest_mapped_block: Option<u64>,
-    /// The owner's labels ([`Pool::create_labeled`], [`Pool::set_labels`]).
+    /// The owner's labels ([`Pool::create_labeled`], [`Pool::set_labels`]); absent from the
+    /// JSON when there are none.
+    #[serde(skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
 }
 
@@ -816,7 +818,10 @@ impl Pool {
         let e = cat.volumes.get_mut(name).expect("entry looked up above");
         let old = std::mem::replace(&mut e.labels, labels);
         if let Err(err) = cat.save() {
-            cat.volumes.get_mut(name).expect("entry looked up above").labels = old;
+            cat.volumes
+                .get_mut(name)
+                .expect("entry looked up above")
+                .labels = old;
             return Err(err);
         }
         info_of(&mut st.md, &cat.volumes[name])

@@ -1,8 +1,8 @@
 //! The filesystems themselves: what a device holds (`blkid`), making one (`mkfs`), its size
 //! as `df` sees it, growing it online, shrinking an unmounted ext4, freezing it.
 
-use std::fmt;
 use std::ffi::OsStr;
+use std::fmt;
 use std::path::Path;
 
 use crate::{Error, Result, tool};

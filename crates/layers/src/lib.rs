@@ -213,10 +213,14 @@ impl LayerStore {
         let mut snapshots = BTreeMap::new();
         let mut next = 1;
         for v in pool.volumes()? {
-            if let Some(n) = v.name.strip_prefix("layer-").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) = v
+                .name
+                .strip_prefix("layer-")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 next = next.max(n + 1);
             }
-            if v.labels.get(STATE).is_some() {
+            if v.labels.contains_key(STATE) {
                 tracing::warn!(
                     volume = v.name,
                     key = v.labels.get(KEY).map(String::as_str),
@@ -281,7 +285,9 @@ impl LayerStore {
         let want = labels.get(SIZE_LABEL).map(|s| parse_size(s)).transpose()?;
         let mut st = self.lock();
         if st.snapshots.contains_key(key) {
-            return Err(Error::AlreadyExists(format!("snapshot {key}: already exists")));
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {key}: already exists"
+            )));
         }
         let origin = if parent.is_empty() {
             self.base(&files)?
@@ -316,16 +322,17 @@ impl LayerStore {
         if grow.is_some() {
             marked.insert(STATE.into(), "preparing".into());
         }
-        let info = self
-            .pool
-            .create_labeled(&name, 0, Some(&origin), marked)?;
+        let info = self.pool.create_labeled(&name, 0, Some(&origin), marked)?;
         let info = match grow {
             None => info,
             Some(size) => match self.grow_new(&files, &name, size, record) {
                 Ok(info) => info,
                 Err(e) => {
                     if let Err(e2) = self.pool.remove_volume(&name) {
-                        tracing::error!(volume = name, "removing a snapshot that failed to grow: {e2}");
+                        tracing::error!(
+                            volume = name,
+                            "removing a snapshot that failed to grow: {e2}"
+                        );
                     }
                     return Err(e);
                 }
@@ -367,7 +374,11 @@ impl LayerStore {
         Ok(vec![Mount {
             fstype: "ext4".into(),
             source: device,
-            options: if read_only { vec!["ro".into()] } else { Vec::new() },
+            options: if read_only {
+                vec!["ro".into()]
+            } else {
+                Vec::new()
+            },
         }])
     }
 
@@ -521,22 +532,20 @@ impl LayerStore {
                 .filter(|s| s.kind != Kind::Committed)
                 .map(|s| files.join(&s.volume))
                 .collect();
-            for l in loopdev::backed_by_files_in(files) {
-                let layer = l
-                    .backing_file
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("layer-"));
-                if layer && !wanted.contains(&l.backing_file) && !is_mounted(&l.device) {
-                    tracing::info!(device = %l.device.display(), file = %l.backing_file.display(), "cleanup: detaching");
-                    if let Err(e) = loopdev::detach(&l.device) {
-                        tracing::warn!("cleanup: detaching {}: {e}", l.device.display());
-                    }
-                }
-            }
+            detach_unmounted_loops(files, &wanted);
         }
         drop(st);
         self.pool.commit()?;
         Ok(())
+    }
+
+    /// The daemon stops: detach every loop device over a store volume that nothing mounts
+    /// (mounts handed out are containerd's to undo; the next start detaches what is left).
+    pub fn release_loops(&self) {
+        let _st = self.lock();
+        if let Some(files) = &self.opts.files {
+            detach_unmounted_loops(files, &[]);
+        }
     }
 
     /// The base device's volume, made (ext4 of the base size) if there is none yet.
@@ -558,7 +567,12 @@ impl LayerStore {
         let made = filesystem::mkfs_with(
             &files.join(BASE_VOLUME),
             FsType::Ext4,
-            &["-E", "lazy_itable_init=0,lazy_journal_init=0", "-L", "thinpool-base"],
+            &[
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                "-L",
+                "thinpool-base",
+            ],
         )
         .map_err(Error::from)
         .and_then(|()| Ok(self.pool.set_labels(BASE_VOLUME, labels)?))
@@ -606,6 +620,22 @@ impl LayerStore {
     }
 }
 
+/// When `v` belongs to the layer store, what it is and how to remove it (for a refusal of
+/// `thinpool vol rm`); `None` for an ordinary volume.
+pub fn owner_of(v: &VolumeInfo) -> Option<String> {
+    if v.labels.get(ROLE).map(String::as_str) == Some("base") {
+        return Some(format!(
+            "volume {} is the layer store's base device: every layer without a parent is a snapshot of it",
+            v.name
+        ));
+    }
+    let s = record_of(v)?;
+    Some(format!(
+        "volume {} holds the layer store's {} snapshot {}: remove it with `thinpool snapshot rm {}` (or through containerd)",
+        v.name, s.kind, s.key, s.key
+    ))
+}
+
 fn get<'a>(st: &'a State, key: &str) -> Result<&'a Snapshot> {
     st.snapshots
         .get(key)
@@ -614,7 +644,9 @@ fn get<'a>(st: &'a State, key: &str) -> Result<&'a Snapshot> {
 
 fn check_key(key: &str) -> Result<()> {
     if key.is_empty() {
-        return Err(Error::InvalidArgument("a snapshot key must not be empty".into()));
+        return Err(Error::InvalidArgument(
+            "a snapshot key must not be empty".into(),
+        ));
     }
     if key.len() > 4096 || key.contains('\0') {
         return Err(Error::InvalidArgument(format!(
@@ -623,6 +655,23 @@ fn check_key(key: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Detach the loop devices over store volumes in `files`, but those over `keep` and those
+/// mounted.
+fn detach_unmounted_loops(files: &Path, keep: &[PathBuf]) {
+    for l in loopdev::backed_by_files_in(files) {
+        let layer = l
+            .backing_file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("layer-"));
+        if layer && !keep.contains(&l.backing_file) && !is_mounted(&l.device) {
+            tracing::info!(device = %l.device.display(), file = %l.backing_file.display(), "detaching a layer's loop device");
+            if let Err(e) = loopdev::detach(&l.device) {
+                tracing::warn!("detaching {}: {e}", l.device.display());
+            }
+        }
+    }
 }
 
 /// The loop device over `file`, if any.
