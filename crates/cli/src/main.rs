@@ -12,6 +12,8 @@ mod mount;
 mod nbd;
 mod pool;
 mod size;
+mod snapshot;
+mod table;
 mod up;
 mod vol;
 
@@ -52,7 +54,7 @@ enum Command {
     /// Run the daemon: create the pool on first use (sparse 100G data, 2G metadata, 64K
     /// blocks), serve every volume over NBD on ROOT/nbd.sock and the control API on
     /// ROOT/control.sock. Foreground; SIGTERM or Ctrl-C commits and exits.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Show the pool as `docker info` shows a devicemapper pool: Docker's fields (Pool Name,
     /// Pool Blocksize, Base Device Size, Backing Filesystem, Data/Metadata Space
     /// Used/Total/Available, Thin Pool Minimum Free Space, ...), then volumes, snapshots,
@@ -78,6 +80,10 @@ enum Command {
         /// The mount point, or the volume's name.
         target: String,
     },
+    /// The layer store's snapshots (containerd's image layers and containers, served on
+    /// ROOT/containerd-snapshotter.sock): ls, info, tree, usage, rm. Needs the daemon.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Serve volumes over NBD (qemu, nbdcopy, fio, nbd-client).
     #[command(subcommand)]
     Nbd(nbd::NbdCommand),
@@ -138,7 +144,8 @@ fn main() {
         Command::Nbd(cmd) => nbd::run(&root, cmd),
         Command::Mount(a) => mount::mount(&root, a),
         Command::Umount { target } => mount::umount(&root, &target),
-        Command::Up(a) => up::run(&root, a),
+        Command::Snapshot(cmd) => snapshot::run(&root, cmd),
+        Command::Up(a) => up::run(&root, *a),
     };
     match code {
         Ok(code) => std::process::exit(code),

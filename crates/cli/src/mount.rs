@@ -32,7 +32,7 @@ pub struct MountArgs {
 }
 
 /// The daemon serving `root`, or an error saying these commands need it.
-fn daemon(root: &Path, what: &str) -> Result<Client> {
+pub(crate) fn daemon(root: &Path, what: &str) -> Result<Client> {
     match client::daemon(root)? {
         Some(c) => Ok(c),
         None => bail!(

@@ -41,9 +41,20 @@ pub struct UpArgs {
     /// `up` fails when FUSE is unavailable instead of going on with NBD only.
     #[arg(long, value_name = "DIR", conflicts_with = "no_fuse")]
     fuse_dir: Option<PathBuf>,
-    /// Do not serve volumes as files (no FUSE mount).
+    /// Do not serve volumes as files (no FUSE mount; no layer store mounts either).
     #[arg(long)]
     no_fuse: bool,
+    /// Size of the layer store's base device, made on first use: every image layer without a
+    /// parent and every container starts as a snapshot of it (default 10G, Docker's).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    base_size: Option<u64>,
+    /// Serve containerd's snapshots API (proxy snapshotter) on this unix socket (default
+    /// ROOT/containerd-snapshotter.sock).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_snapshotter")]
+    snapshotter_socket: Option<PathBuf>,
+    /// Do not serve containerd's snapshots API.
+    #[arg(long)]
+    no_snapshotter: bool,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -70,6 +81,9 @@ struct FileConfig {
     metadata_cache: Option<Size>,
     fuse_dir: Option<PathBuf>,
     fuse: Option<bool>,
+    base_size: Option<Size>,
+    snapshotter_socket: Option<PathBuf>,
+    snapshotter: Option<bool>,
 }
 
 /// A size in the config file: bytes, or a string with a unit ("100G").
@@ -156,6 +170,14 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
         f.read_only = serve.read_only;
         f.snapshots_read_only = serve.snapshots_read_only;
         opts.fuse = Some(f);
+    }
+    opts.base_size = size(a.base_size, "base_size", &fc.base_size)?;
+    if !a.no_snapshotter && (a.snapshotter_socket.is_some() || fc.snapshotter != Some(false)) {
+        let path = a
+            .snapshotter_socket
+            .or(fc.snapshotter_socket)
+            .unwrap_or_else(|| root.join(thinpool_daemon::SNAPSHOTTER_SOCKET));
+        opts.snapshotter = Some(std::path::absolute(&path).unwrap_or(path));
     }
     opts.nbd = Some(serve.config(root));
     crate::nbd::serve(root, opts)

@@ -423,7 +423,7 @@ fn render_info(d: &VolumeDetail) -> String {
 
 /// Seconds since the epoch as an RFC 3339 UTC time, `2024-02-29T13:05:09Z` (proleptic
 /// Gregorian calendar, counting days in 400-year eras of 146 097 days).
-fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     let days = i64::try_from(secs / 86_400).expect("u64 / 86400 fits in i64");
     let rem = secs % 86_400;
     // Days since 0000-03-01: years then run March to February, so a leap day ends its year.
@@ -477,30 +477,8 @@ fn render_list(vols: &[VolumeInfo], block_size: u64) -> String {
         }
         rows.push(row);
     }
-    let mut widths = vec![0usize; rows[0].len()];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let mut line = String::new();
-        for (i, (c, w)) in r.iter().zip(&widths).enumerate() {
-            let w = *w;
-            // Names left-aligned, numbers right-aligned.
-            let cell = if matches!(i, 1 | 3 | 4 | 5) {
-                format!("{c:>w$}")
-            } else {
-                format!("{c:<w$}")
-            };
-            line.push_str(&cell);
-            line.push_str("  ");
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    // Names left-aligned, numbers right-aligned.
+    crate::table::render(&rows, &[1, 3, 4, 5])
 }
 
 /// What an import or export moved and what it skipped, in bytes.
@@ -951,6 +929,7 @@ mod tests {
             created: 1_709_211_909,
             mapped_blocks: 2,
             highest_mapped_block: Some(9),
+            labels: Default::default(),
             loop_device: None,
             mount_point: None,
         };
@@ -980,6 +959,7 @@ mod tests {
             created: 0,
             mapped_blocks: 16,
             highest_mapped_block: Some(15),
+            labels: Default::default(),
             loop_device: None,
             mount_point: None,
         };

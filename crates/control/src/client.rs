@@ -3,6 +3,7 @@
 //! One request at a time on one connection; each call blocks until the daemon answers (the
 //! daemon runs the operation to its end, commit included, before it answers).
 
+use std::collections::BTreeMap;
 use std::io::{BufReader, ErrorKind as IoKind};
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
@@ -14,7 +15,10 @@ use crate::proto::{
     ErrorKind, Hello, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
     write_frame,
 };
-use crate::types::{Attachment, CommittedMetadata, DataMoved, PoolStatus, Resized, VolumeInfo};
+use crate::types::{
+    Attachment, CommittedMetadata, DataMoved, LayerSnapshot, LayerUsage, PoolStatus, Resized,
+    VolumeInfo,
+};
 
 /// Errors of the control client. A daemon's own refusal ([`Error::Daemon`]) shows the daemon's
 /// message unchanged, so that it reads as it would from the engine.
@@ -316,6 +320,22 @@ impl Client {
         self.call_as(&Request::Umount {
             target: target.into(),
         })
+    }
+
+    /// Every snapshot of the layer store.
+    pub fn snapshots(&mut self) -> Result<Vec<LayerSnapshot>> {
+        self.call_as(&Request::SnapshotList)
+    }
+
+    /// The space every layer-store snapshot uses, by key.
+    pub fn snapshot_usage(&mut self) -> Result<BTreeMap<String, LayerUsage>> {
+        self.call_as(&Request::SnapshotUsage)
+    }
+
+    /// Remove a layer-store snapshot.
+    pub fn remove_snapshot(&mut self, key: &str) -> Result<()> {
+        self.call(&Request::SnapshotRemove { key: key.into() })
+            .map(drop)
     }
 
     /// Grow the pool's devices (`None`: take the device's current size).

@@ -107,6 +107,18 @@ pub enum Request {
         #[serde(default)]
         read_only: bool,
     },
+    /// Every snapshot of the layer store, by key; answered with a list of
+    /// [`LayerSnapshot`](crate::LayerSnapshot).
+    SnapshotList,
+    /// The space every layer-store snapshot uses (one walk of the pool); answered with a map
+    /// key → [`LayerUsage`](crate::LayerUsage).
+    SnapshotUsage,
+    /// Remove a layer-store snapshot (refused while it has children or is mounted);
+    /// answered with `null`.
+    SnapshotRemove {
+        /// containerd's key or name.
+        key: String,
+    },
     /// Unmount a volume (named, or by its mount point, absolute) and detach its loop device;
     /// answered with the [`Attachment`](crate::Attachment) undone.
     Umount {
@@ -160,6 +172,9 @@ impl Request {
             Request::VolumeDetach { .. } => "volume_detach",
             Request::Mount { .. } => "mount",
             Request::Umount { .. } => "umount",
+            Request::SnapshotList => "snapshot_list",
+            Request::SnapshotUsage => "snapshot_usage",
+            Request::SnapshotRemove { .. } => "snapshot_remove",
         }
     }
 }
@@ -314,6 +329,11 @@ mod tests {
                 read_only: true,
             },
             Request::VolumeDetach { name: "a".into() },
+            Request::SnapshotList,
+            Request::SnapshotUsage,
+            Request::SnapshotRemove {
+                key: "sha256:abc".into(),
+            },
             Request::Mount {
                 name: "a".into(),
                 dir: "/mnt/a".into(),

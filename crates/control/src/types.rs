@@ -5,6 +5,7 @@
 //! of these gives exactly the JSON the engine's type gives (the CLI's `--json` output is the
 //! same with and without a daemon). The daemon's tests hold the two in step.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -131,6 +132,9 @@ pub struct VolumeInfo {
     pub mapped_blocks: u64,
     /// Highest mapped virtual block.
     pub highest_mapped_block: Option<u64>,
+    /// The owner's labels (the layer store's records); absent from the JSON when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// The loop device the daemon attached to the volume's file, if any (not an engine
     /// field: absent from the JSON when `None`, so the engine's JSON and this one agree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,4 +213,35 @@ pub struct FsResized {
     pub old_size: u64,
     /// Size after, in bytes.
     pub new_size: u64,
+}
+
+/// A snapshot of the layer store (`thinpool snapshot ls`), as containerd sees it plus the
+/// volume that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSnapshot {
+    /// containerd's key (active, view) or name (committed).
+    pub key: String,
+    /// The committed snapshot it was made from; `None`: from the base device.
+    pub parent: Option<String>,
+    /// `committed`, `active` or `view`.
+    pub kind: String,
+    /// containerd's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Last change, seconds since the epoch.
+    pub updated: u64,
+    /// The pool volume holding it (`layer-N`).
+    pub volume: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+}
+
+/// The space a layer-store snapshot uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerUsage {
+    /// Bytes of the data blocks only it maps: what removing it frees (`thin_ls` EXCLUSIVE).
+    pub exclusive_bytes: u64,
+    /// Bytes of all the data blocks it maps.
+    pub mapped_bytes: u64,
 }

@@ -5,6 +5,7 @@ use serde::Serialize;
 use thinpool_control::{CommittedMetadata, ErrorKind, Hello, Request, Response};
 use thinpool_engine::Pool;
 
+use crate::layers::Layers;
 use crate::mounts::{Mounts, Refusal};
 
 /// The protocol's kind for an engine error kind (one exhaustive match, so a new engine kind
@@ -73,7 +74,13 @@ fn decorated<T: Serialize>(r: thinpool_engine::Result<T>, mounts: &Mounts) -> Re
 
 /// Run `req` on `pool` and the daemon's `mounts`; `hello` is this daemon's answer to
 /// [`Request::Hello`]. Blocks for as long as the operation takes (commits, a mkfs included).
-pub(crate) fn handle(pool: &Pool, mounts: &Mounts, hello: &Hello, req: Request) -> Response {
+pub(crate) fn handle(
+    pool: &Pool,
+    mounts: &Mounts,
+    layers: &Layers,
+    hello: &Hello,
+    req: Request,
+) -> Response {
     tracing::debug!(op = req.op(), request = ?req, "control request");
     match req {
         // A client of another protocol version gets our hello and decides (it knows both
@@ -84,10 +91,15 @@ pub(crate) fn handle(pool: &Pool, mounts: &Mounts, hello: &Hello, req: Request) 
         Request::VolumeInfo { name } => decorated(pool.volume_info(&name), mounts),
         Request::VolumeCreate { name, size } => answer(pool.create_volume(&name, size)),
         Request::VolumeSnapshot { origin, name } => answer(mounts.snapshot(pool, &origin, &name)),
-        Request::VolumeRemove { name } => match mounts.refuse_removal(&name) {
-            Some(r) => answer::<(), _>(Err(r)),
-            None => answer(pool.remove_volume(&name)),
-        },
+        Request::VolumeRemove { name } => {
+            match mounts
+                .refuse_removal(&name)
+                .or_else(|| layer_owned(pool, &name))
+            {
+                Some(r) => answer::<(), _>(Err(r)),
+                None => answer(pool.remove_volume(&name)),
+            }
+        }
         Request::VolumeResize {
             name,
             size,
@@ -97,6 +109,9 @@ pub(crate) fn handle(pool: &Pool, mounts: &Mounts, hello: &Hello, req: Request) 
         Request::VolumeDetach { name } => answer(mounts.detach(&name)),
         req @ Request::Mount { .. } => answer(mounts.mount(pool, req)),
         Request::Umount { target } => answer(mounts.umount(&target)),
+        Request::SnapshotList => answer(layers.list()),
+        Request::SnapshotUsage => answer(layers.usage()),
+        Request::SnapshotRemove { key } => answer(layers.remove(&key)),
         Request::PoolGrow {
             data_size,
             metadata_size,
@@ -105,6 +120,15 @@ pub(crate) fn handle(pool: &Pool, mounts: &Mounts, hello: &Hello, req: Request) 
         Request::PoolCheck => answer(committed_metadata(pool)),
         Request::PoolMoveData { path } => answer(pool.move_data(&path, &|_, _| {})),
     }
+}
+
+/// A refusal to remove a volume of the layer store with `vol rm`.
+fn layer_owned(pool: &Pool, name: &str) -> Option<Refusal> {
+    let v = pool.volume_info(name).ok()?;
+    thinpool_layers::owner_of(&v).map(|message| Refusal {
+        kind: ErrorKind::Busy,
+        message,
+    })
 }
 
 /// Commit, then name the committed metadata for the client to check read-only.
@@ -151,16 +175,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
         let m = Mounts::load(dir.path());
+        let l = Layers::default();
         let h = hello();
         let ok = |r: Response| match r {
             Response::Ok { value } => value,
             Response::Error { kind, message } => panic!("{kind:?}: {message}"),
         };
-        let v = ok(handle(&p, &m, &h, Request::Hello { protocol: 1 }));
+        let v = ok(handle(&p, &m, &l, &h, Request::Hello { protocol: 1 }));
         assert_eq!(serde_json::from_value::<Hello>(v).unwrap(), h);
         let v = ok(handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeCreate {
                 name: "a".into(),
@@ -171,6 +197,7 @@ mod tests {
         ok(handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeSnapshot {
                 origin: "a".into(),
@@ -180,6 +207,7 @@ mod tests {
         ok(handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeResize {
                 name: "b".into(),
@@ -187,32 +215,40 @@ mod tests {
                 resize_fs: false,
             },
         ));
-        let v = ok(handle(&p, &m, &h, Request::VolumeInfo { name: "b".into() }));
+        let v = ok(handle(
+            &p,
+            &m,
+            &l,
+            &h,
+            Request::VolumeInfo { name: "b".into() },
+        ));
         assert_eq!(v["size"], 2 << 20);
         assert_eq!(v["parent"], "a");
-        let v = ok(handle(&p, &m, &h, Request::VolumeList));
+        let v = ok(handle(&p, &m, &l, &h, Request::VolumeList));
         assert_eq!(v.as_array().unwrap().len(), 2);
         ok(handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeRemove { name: "b".into() },
         ));
         ok(handle(
             &p,
             &m,
+            &l,
             &h,
             Request::PoolGrow {
                 data_size: Some(128 << 20),
                 metadata_size: None,
             },
         ));
-        ok(handle(&p, &m, &h, Request::Commit));
-        let v = ok(handle(&p, &m, &h, Request::PoolCheck));
+        ok(handle(&p, &m, &l, &h, Request::Commit));
+        let v = ok(handle(&p, &m, &l, &h, Request::PoolCheck));
         let c: CommittedMetadata = serde_json::from_value(v).unwrap();
         assert_eq!(c.metadata_path, dir.path().join("pool").join("metadata"));
         assert_eq!(c.transaction_id, p.status().unwrap().transaction_id);
-        let v = ok(handle(&p, &m, &h, Request::PoolStatus));
+        let v = ok(handle(&p, &m, &l, &h, Request::PoolStatus));
         assert_eq!(v["total_data_blocks"], 128 * 16);
         assert_eq!(v["volumes"], 1);
         p.close().unwrap();
@@ -223,8 +259,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = pool(dir.path());
         let m = Mounts::load(dir.path());
+        let l = Layers::default();
         let h = hello();
-        let r = handle(&p, &m, &h, Request::VolumeRemove { name: "zz".into() });
+        let r = handle(&p, &m, &l, &h, Request::VolumeRemove { name: "zz".into() });
         let expected = p.remove_volume("zz").unwrap_err();
         assert_eq!(
             r,
@@ -236,6 +273,7 @@ mod tests {
         handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeCreate {
                 name: "a".into(),
@@ -245,6 +283,7 @@ mod tests {
         let r = handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeCreate {
                 name: "a".into(),
@@ -258,6 +297,7 @@ mod tests {
         let r = handle(
             &p,
             &m,
+            &l,
             &h,
             Request::VolumeCreate {
                 name: "b".into(),
@@ -275,5 +315,102 @@ mod tests {
             "{r:?}"
         );
         p.close().unwrap();
+    }
+
+    #[test]
+    fn attach_without_the_fuse_export_and_layer_requests_without_a_store_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let m = Mounts::load(dir.path());
+        let l = Layers::default();
+        let h = hello();
+        p.create_volume("a", 1 << 20).unwrap();
+        let r = handle(
+            &p,
+            &m,
+            &l,
+            &h,
+            Request::VolumeAttach {
+                name: "a".into(),
+                read_only: false,
+            },
+        );
+        assert!(
+            matches!(&r, Response::Error { message, .. } if message.contains("FUSE")),
+            "{r:?}"
+        );
+        let r = handle(&p, &m, &l, &h, Request::SnapshotList);
+        assert!(
+            matches!(&r, Response::Error { message, .. } if message.contains("layer store is not open")),
+            "{r:?}"
+        );
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn layer_store_volumes_are_listed_and_not_removed_as_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = std::sync::Arc::new(pool(dir.path()));
+        let m = Mounts::load(dir.path());
+        let l = Layers::default();
+        let h = hello();
+        let labels = [
+            ("layer.key".to_string(), "sha256:abc".to_string()),
+            ("layer.kind".to_string(), "committed".to_string()),
+        ];
+        p.create_labeled("layer-1", 1 << 20, None, labels.into())
+            .unwrap();
+        let store = thinpool_layers::LayerStore::open(p.clone(), Default::default()).unwrap();
+        l.set(std::sync::Arc::new(store));
+        let r = handle(&p, &m, &l, &h, Request::SnapshotList);
+        let Response::Ok { value } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(value[0]["key"], "sha256:abc");
+        assert_eq!(value[0]["kind"], "committed");
+        assert_eq!(value[0]["volume"], "layer-1");
+        let r = handle(
+            &p,
+            &m,
+            &l,
+            &h,
+            Request::VolumeRemove {
+                name: "layer-1".into(),
+            },
+        );
+        assert!(
+            matches!(&r, Response::Error { kind: ErrorKind::Busy, message } if message.contains("thinpool snapshot rm sha256:abc")),
+            "{r:?}"
+        );
+        let r = handle(
+            &p,
+            &m,
+            &l,
+            &h,
+            Request::SnapshotRemove { key: "nope".into() },
+        );
+        assert!(
+            matches!(
+                &r,
+                Response::Error {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        let r = handle(
+            &p,
+            &m,
+            &l,
+            &h,
+            Request::SnapshotRemove {
+                key: "sha256:abc".into(),
+            },
+        );
+        assert!(matches!(&r, Response::Ok { .. }), "{r:?}");
+        assert!(p.volumes().unwrap().is_empty());
+        drop(l.take());
+        std::sync::Arc::try_unwrap(p).ok().unwrap().close().unwrap();
     }
 }

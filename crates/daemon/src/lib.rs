@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod handler;
+mod layers;
 mod metrics;
 mod mounts;
 mod server;
@@ -56,10 +57,12 @@ use std::sync::Arc;
 use thinpool_control::Client;
 use thinpool_engine::{Pool, PoolConfig, PoolOptions};
 use thinpool_fuse::{FuseConfig, FuseServer};
+use thinpool_layers::{LayerStore, StoreOptions};
 use thinpool_nbd::{NbdConfig, NbdServer};
 
 pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
 
+use crate::layers::Layers;
 use crate::metrics::MetricsServer;
 use crate::mounts::Mounts;
 use crate::server::ControlServer;
@@ -187,7 +190,15 @@ pub struct DaemonOptions {
     /// Serve `GET /metrics` (OpenMetrics text) on this TCP address; loopback only, port 0
     /// picks a free port ([`Daemon::metrics_addr`]).
     pub metrics: Option<SocketAddr>,
+    /// Size of the layer store's base device when it is made (default: 10 GiB, Docker's).
+    pub base_size: Option<u64>,
+    /// Serve containerd's snapshots API (a proxy snapshotter over the layer store) on this
+    /// unix socket (mode 0600); usually `ROOT/`[`SNAPSHOTTER_SOCKET`].
+    pub snapshotter: Option<PathBuf>,
 }
+
+/// The file name of containerd's snapshotter socket in a pool root.
+pub const SNAPSHOTTER_SOCKET: &str = "containerd-snapshotter.sock";
 
 /// A running daemon: the open pool and its control server. Dropping it stops it as
 /// [`Daemon::stop`] does, logging errors instead of returning them.
@@ -202,6 +213,8 @@ pub struct Daemon {
     fuse: Option<FuseServer>,
     /// What this daemon attached and mounted (and its record, `ROOT/mounts.json`).
     mounts: Arc<Mounts>,
+    /// The layer store, once open.
+    layers: Arc<Layers>,
     /// Why FUSE is not served, when it was asked for and is unavailable.
     fuse_unavailable: Option<String>,
     metrics: Option<MetricsServer>,
@@ -296,7 +309,14 @@ impl Daemon {
         }
         let pool = Arc::new(pool);
         let mounts = Arc::new(Mounts::load(root));
-        let server = match ControlServer::start(pool.clone(), mounts.clone(), root, &socket_path) {
+        let layers = Arc::new(Layers::default());
+        let server = match ControlServer::start(
+            pool.clone(),
+            mounts.clone(),
+            layers.clone(),
+            root,
+            &socket_path,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 if let Ok(p) = Arc::try_unwrap(pool) {
@@ -313,6 +333,7 @@ impl Daemon {
             nbd: None,
             fuse: None,
             mounts,
+            layers,
             fuse_unavailable: None,
             metrics: None,
         };
@@ -335,6 +356,14 @@ impl Daemon {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        let store = StoreOptions {
+            files: daemon.fuse.as_ref().map(|f| f.mount_dir().to_path_buf()),
+            base_size: opts.base_size.unwrap_or(thinpool_layers::DEFAULT_BASE_SIZE),
+        };
+        match LayerStore::open(daemon.pool(), store) {
+            Ok(s) => daemon.layers.set(Arc::new(s)),
+            Err(e) => tracing::error!("the layer store did not open: {e}"),
         }
         if let Some(addr) = opts.metrics {
             daemon.metrics = Some(MetricsServer::start(daemon.pool(), addr)?);
@@ -410,6 +439,9 @@ impl Daemon {
             && let Err(busy) = self.mounts.release(true)
         {
             tracing::warn!("{busy}");
+        }
+        if let Some(store) = self.layers.take() {
+            store.release_loops();
         }
         if let Some(fuse) = self.fuse.take() {
             fuse.stop();

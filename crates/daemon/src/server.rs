@@ -28,6 +28,7 @@ use thinpool_control::{
 use thinpool_engine::Pool;
 
 use crate::handler::handle;
+use crate::layers::Layers;
 use crate::mounts::Mounts;
 use crate::socket::{self, FileId};
 use crate::{Error, Result};
@@ -39,6 +40,7 @@ const REFUSED_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 struct Shared {
     pool: Arc<Pool>,
     mounts: Arc<Mounts>,
+    layers: Arc<Layers>,
     root: PathBuf,
     uid: u32,
     hello: Hello,
@@ -59,6 +61,7 @@ impl ControlServer {
     pub fn start(
         pool: Arc<Pool>,
         mounts: Arc<Mounts>,
+        layers: Arc<Layers>,
         root: &Path,
         path: &Path,
     ) -> Result<ControlServer> {
@@ -72,6 +75,7 @@ impl ControlServer {
         let shared = Arc::new(Shared {
             pool,
             mounts,
+            layers,
             root: root.to_path_buf(),
             uid,
             hello: Hello {
@@ -248,7 +252,13 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) {
                 Ok(Some(line)) if line.trim().is_empty() => continue,
                 Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => (
-                        handle(&shared.pool, &shared.mounts, &shared.hello, req),
+                        handle(
+                            &shared.pool,
+                            &shared.mounts,
+                            &shared.layers,
+                            &shared.hello,
+                            req,
+                        ),
                         false,
                     ),
                     Err(e) => (

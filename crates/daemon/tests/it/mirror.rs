@@ -70,6 +70,7 @@ fn volume_info_mirrors_the_engine() {
         created: 1_700_000_000,
         mapped_blocks: 16,
         highest_mapped_block: Some(15),
+        labels: Default::default(),
     };
     let snap = VolumeInfo {
         name: "snap".into(),
@@ -77,9 +78,12 @@ fn volume_info_mirrors_the_engine() {
         kind: VolumeKind::Snapshot,
         parent: Some("base".into()),
         highest_mapped_block: None,
+        labels: [("layer.key".to_string(), "sha256:abc".to_string())].into(),
         ..thin.clone()
     };
     let c: Vec<thinpool_control::VolumeInfo> = same_json(&vec![thin, snap]);
+    assert!(c[0].labels.is_empty());
+    assert_eq!(c[1].labels["layer.key"], "sha256:abc");
     assert_eq!(c[1].kind, thinpool_control::VolumeKind::Snapshot);
     assert_eq!(c[1].parent.as_deref(), Some("base"));
 }
