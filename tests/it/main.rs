@@ -46,6 +46,7 @@ mod filesystems;
 mod fuse;
 mod host_shutdown;
 mod hostfull;
+mod images;
 mod kernel;
 mod kernel_api;
 mod kernel_grow;

@@ -14,6 +14,11 @@
 //! - [`pool`]: an in-memory model of a pool as `thin_dump` prints it, with a random generator.
 //! - [`kernel`]: boot the kernel on a pool and read blocks back.
 //! - [`nbd`]: `thinpool nbd serve` as a child process, NBD client wrappers, a raw NBD client.
+//! - [`images`]: container images built in memory (layers with every tar feature, whiteouts and
+//!   opaque folders) written as `docker save` tarballs, OCI layouts and OCI archives.
+//! - [`tree`]: file trees recorded and diffed; reference root file systems from `umoci unpack`
+//!   and from our own layer-by-layer apply.
+//! - [`containerd`]: a private containerd driven with `ctr` (import, run, snapshots, mounts, GC).
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -28,10 +33,13 @@ pub use thinpool_testkit::{
     vector_file as vector, vector_xml, which,
 };
 
+pub mod containerd;
 pub mod daemon;
+pub mod images;
 pub mod kernel;
 pub mod nbd;
 pub mod pool;
+pub mod tree;
 
 /// The workspace root (the folder holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
