@@ -90,7 +90,11 @@ pub fn run(target: &mut Target<'_>, root: &Path, json: bool) -> Result<String> {
     let status = target
         .status()
         .with_context(|| format!("reading the status of the pool at {}", root.display()))?;
-    let info = gather(root, &status, target.daemon_pid())?;
+    let mut info = gather(root, &status, target.daemon_pid())?;
+    // The layer store's base device, once made, has the size that counts.
+    if let Ok(base) = target.volume_info(thinpool_layers::BASE_VOLUME) {
+        info.base_device_size = base.size;
+    }
     Ok(if json {
         serde_json::to_string_pretty(&info)? + "\n"
     } else {

@@ -48,6 +48,7 @@ mod metrics;
 mod mounts;
 mod server;
 mod signals;
+mod snapshotter;
 mod socket;
 
 use std::net::SocketAddr;
@@ -215,6 +216,8 @@ pub struct Daemon {
     mounts: Arc<Mounts>,
     /// The layer store, once open.
     layers: Arc<Layers>,
+    /// containerd's snapshotter socket, when served.
+    snapshotter: Option<thinpool_snapshotter::Server>,
     /// Why FUSE is not served, when it was asked for and is unavailable.
     fuse_unavailable: Option<String>,
     metrics: Option<MetricsServer>,
@@ -334,6 +337,7 @@ impl Daemon {
             fuse: None,
             mounts,
             layers,
+            snapshotter: None,
             fuse_unavailable: None,
             metrics: None,
         };
@@ -362,7 +366,23 @@ impl Daemon {
             base_size: opts.base_size.unwrap_or(thinpool_layers::DEFAULT_BASE_SIZE),
         };
         match LayerStore::open(daemon.pool(), store) {
-            Ok(s) => daemon.layers.set(Arc::new(s)),
+            Ok(s) => {
+                let s = Arc::new(s);
+                daemon.layers.set(s.clone());
+                if let Some(path) = &opts.snapshotter {
+                    let adapter = Arc::new(snapshotter::Adapter(s));
+                    let server =
+                        thinpool_snapshotter::Server::start(path, adapter).map_err(|source| {
+                            Error::Socket {
+                                what: "serving containerd's snapshots API on",
+                                path: path.clone(),
+                                source,
+                            }
+                        })?;
+                    tracing::info!(socket = %path.display(), "serving containerd's snapshots API");
+                    daemon.snapshotter = Some(server);
+                }
+            }
             Err(e) => tracing::error!("the layer store did not open: {e}"),
         }
         if let Some(addr) = opts.metrics {
@@ -439,6 +459,9 @@ impl Daemon {
             && let Err(busy) = self.mounts.release(true)
         {
             tracing::warn!("{busy}");
+        }
+        if let Some(server) = self.snapshotter.take() {
+            server.stop();
         }
         if let Some(store) = self.layers.take() {
             store.release_loops();
