@@ -330,6 +330,7 @@ fn containerd_overlayfs_import_matches_reference() {
                 &key,
                 &tmp.path().join(format!("mnt-{i}")),
             );
+            eprintln!("ran {:?}", m.commands);
             assert_eq!(
                 m.commands[0][1..3],
                 ["-t".to_string(), "overlay".to_string()]
@@ -343,6 +344,7 @@ fn containerd_overlayfs_import_matches_reference() {
             );
             check_rich_effects(&seen, "containerd overlayfs");
         }
+        ctd.prune_content_references();
         ctd.remove_image(RICH);
         ctd.gc();
         let left = ctd.snapshots_ls("overlayfs");
@@ -399,4 +401,25 @@ fn containerd_run_busybox() {
     );
     let left = ctd.ctr_ok(&["containers", "ls", "-q"]);
     assert!(left.trim().is_empty(), "containers left after --rm: {left}");
+}
+
+/// With a snapshotter socket, the config declares the proxy plugin `thinpool` (containerd
+/// connects lazily, so no server is needed to see it listed).
+#[test]
+fn containerd_config_declares_proxy_snapshotter() {
+    let tmp = scratch();
+    let sock = tmp.path().join("containerd-snapshotter.sock");
+    let Some(ctd) = Containerd::start(Some(&sock)) else {
+        return;
+    };
+    let plugins = ctd.ctr_ok(&["plugins", "ls"]);
+    assert!(
+        plugins.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&"io.containerd.snapshotter.v1")
+                && f.get(1) == Some(&thinpool_tests::containerd::THINPOOL_SNAPSHOTTER)
+                && f.last() == Some(&"ok")
+        }),
+        "no proxy snapshotter thinpool in:\n{plugins}"
+    );
 }

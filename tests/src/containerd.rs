@@ -400,8 +400,7 @@ impl Containerd {
                     .split(|b| *b == 0)
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
-                args.first().is_some_and(|a| a.contains("containerd-shim"))
-                    && args.contains(&addr)
+                args.first().is_some_and(|a| a.contains("containerd-shim")) && args.contains(&addr)
             })
             .collect()
     }
