@@ -423,3 +423,56 @@ fn containerd_config_declares_proxy_snapshotter() {
         "no proxy snapshotter thinpool in:\n{plugins}"
     );
 }
+
+/// Dropping the harness kills what it started: a detached container's process, the shim,
+/// containerd; nothing stays mounted.
+#[test]
+fn containerd_drop_kills_tasks() {
+    let Some(bb) = images::busybox(BUSYBOX) else {
+        return;
+    };
+    if let Err(why) = overlay_works() {
+        thinpool_tests::skip_or_fail(&why);
+        return;
+    }
+    if !require_tool("runc") {
+        return;
+    }
+    let Some(ctd) = Containerd::start(None) else {
+        return;
+    };
+    let tmp = scratch();
+    let t = tmp.path().join("busybox.tar");
+    bb.write_docker_archive(&t);
+    ctd.import(&t, "overlayfs");
+    ctd.run_detached(BUSYBOX, "sleeper", "overlayfs", &["sleep", "1000"]);
+    let pid = ctd
+        .task_pid("sleeper")
+        .expect("the detached task is listed");
+    let shims = ctd.shim_pids();
+    assert!(!shims.is_empty(), "no shim found for our containerd");
+    let dir = ctd.dir.path().to_path_buf();
+    drop(ctd);
+    let alive = |p: u32| {
+        // A zombie is dead too.
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (alive(pid) || shims.iter().any(|&s| alive(s))) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!alive(pid), "container process {pid} survived the drop");
+    for s in shims {
+        assert!(!alive(s), "shim {s} survived the drop");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*dir.to_string_lossy()),
+        "mounts left below {}",
+        dir.display()
+    );
+}

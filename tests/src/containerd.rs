@@ -255,21 +255,52 @@ impl Containerd {
         self.ctr_ok(&["images", "rm", "--sync", name]);
     }
 
+    /// The runc root of this containerd's containers (`dir/runc`, passed as `--runc-root`):
+    /// runc's default, `/run/containerd/runc/NAMESPACE`, would be shared by every instance.
+    pub fn runc_root(&self) -> PathBuf {
+        self.dir.path().join("runc")
+    }
+
     /// `ctr run --rm --snapshotter S --runc-root DIR/runc IMAGE ID CMD…`: the container's
     /// stdout (stderr shown, and the panic message has it, on failure).
     pub fn run(&self, image: &str, id: &str, snapshotter: &str, cmd: &[&str]) -> String {
-        let runc_root = self.dir.path().join("runc");
+        self.run_with(&["--rm"], image, id, snapshotter, cmd)
+    }
+
+    /// `ctr run --detach …`: the container keeps running (its task is killed when this
+    /// containerd is dropped); returns ctr's stdout.
+    pub fn run_detached(&self, image: &str, id: &str, snapshotter: &str, cmd: &[&str]) -> String {
+        self.run_with(&["--detach"], image, id, snapshotter, cmd)
+    }
+
+    /// The host pid of a running task's init process (`ctr tasks ls`), if it is listed.
+    pub fn task_pid(&self, id: &str) -> Option<u32> {
+        self.ctr_ok(&["tasks", "ls"]).lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| f.get(1)?.parse().ok())?
+        })
+    }
+
+    fn run_with(
+        &self,
+        flags: &[&str],
+        image: &str,
+        id: &str,
+        snapshotter: &str,
+        cmd: &[&str],
+    ) -> String {
+        let runc_root = self.runc_root();
         let runc_root = runc_root.to_string_lossy();
-        let mut args = vec![
-            "run",
-            "--rm",
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[
             "--snapshotter",
             snapshotter,
             "--runc-root",
             &runc_root,
             image,
             id,
-        ];
+        ]);
         args.extend_from_slice(cmd);
         self.ctr_ok(&args)
     }
@@ -426,7 +457,21 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         let failing = std::thread::panicking();
         if self.child.is_some() {
-            // Tasks first (their shims are our children's children), then containerd.
+            // Tasks first (killing a shim alone would leave its container's processes running),
+            // then the shims (our children's children), then containerd.
+            let quiet = |args: &[&str]| {
+                self.ctr_cmd(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .output()
+                    .map(|o| text(&o.stdout))
+                    .unwrap_or_default()
+            };
+            for id in quiet(&["tasks", "ls", "-q"]).split_whitespace() {
+                quiet(&["tasks", "kill", "--all", "--signal", "SIGKILL", id]);
+                quiet(&["tasks", "delete", "--force", id]);
+            }
             for pid in self.shim_pids() {
                 let _ = Command::new("kill")
                     .arg("-KILL")
