@@ -289,7 +289,23 @@ fn containerd_uses_the_proxy_snapshotter() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    drop(containerd);
+    // The daemon stops the server while containerd stays connected: prompt (containerd answers
+    // the graceful GOAWAY), the socket is gone, and containerd reports the plugin's calls failing.
+    let t = Instant::now();
     server.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t.elapsed()
+    );
     assert!(!socket.exists());
+    let (ok, _, _) = containerd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "thinpool",
+        "prepare",
+        "after-stop",
+    ]);
+    assert!(!ok, "a call after stop must fail");
+    drop(containerd);
 }
