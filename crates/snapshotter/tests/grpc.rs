@@ -608,3 +608,34 @@ fn concurrent_clients() {
     });
     assert_eq!(list(&h, &[]).unwrap().0.len(), 160);
 }
+
+#[test]
+fn stop_waits_for_calls_in_flight() {
+    let mut h = Harness::new();
+    let mut c = h.client();
+    let call =
+        h.rt.spawn(async move { c.prepare(prepare("slow", "")).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !h.model.slow_started.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never reached the model"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = Instant::now();
+    h.server.take().unwrap().stop();
+    let took = t.elapsed();
+    let answer = h.rt.block_on(call).unwrap();
+    assert!(
+        answer.is_ok(),
+        "the call in flight was answered: {answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "stop waited for it: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(h.model.stat_ok("slow"));
+    assert!(!h.socket.exists());
+}

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -15,17 +15,22 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Snapshots in a map, with containerd's rules: a parent must exist and be committed, only an
 /// active snapshot can be committed, names are unique, a snapshot with children stays.
-/// `prepare` with the key "panic" panics.
+/// `prepare` with the key "panic" panics, with the key "slow" takes a second.
 #[derive(Default)]
 pub struct Model {
     snaps: Mutex<BTreeMap<String, Info>>,
     pub cleanups: AtomicUsize,
+    pub slow_started: AtomicBool,
 }
 
 impl Model {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Info>> {
         // A panicking call (the "panic" key) must not poison the model for the next test step.
         self.snaps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stat_ok(&self, key: &str) -> bool {
+        self.lock().contains_key(key)
     }
 
     pub fn list_is_empty(&self) -> bool {
@@ -123,6 +128,10 @@ impl Snapshots for Model {
     ) -> Result<Vec<Mount>, Error> {
         if key == "panic" {
             panic!("the model was asked to panic");
+        }
+        if key == "slow" {
+            self.slow_started.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_secs(1));
         }
         self.create(key, parent, Kind::Active, labels)
     }
