@@ -30,6 +30,10 @@
 //! - `meta_repair`: `thinpool meta repair` of a superblock with an absurd `nr_data_blocks`: derived
 //!   from the mappings and the data file; thin_check and thin_dump on the result.
 //! - `move_data`: `thinpool pool move-data` online under fio (through the daemon) and offline.
+//! - `snapshotter`: the layer store as real containerd's proxy snapshotter: images imported
+//!   (docker save and OCI archives), mounted trees equal to the reference apply, `ctr run`,
+//!   commit and build on it, removal and garbage collection returning the blocks, a kill -9 in
+//!   the middle of an import, bad requests answered with containerd's codes.
 //! - `soak`: kill -9 soak: self-checking NBD writes over many connections, SIGKILL at a random
 //!   moment, restart, every flushed write read back, `thin_check` (`THINPOOL_SOAK_ROUNDS`).
 //! - `private`: pool files private whatever the umask; looking commands and NEEDS_CHECK pools
@@ -57,6 +61,7 @@ mod nbd;
 mod needs_check;
 mod oracle;
 mod private;
+mod snapshotter;
 mod soak;
 mod up;
 mod vectors;

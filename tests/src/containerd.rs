@@ -305,6 +305,40 @@ impl Containerd {
         self.ctr_ok(&args)
     }
 
+    /// Wait (30 s at most) until `snapshotter` answers through containerd: after the
+    /// snapshotter's server came back, containerd's client fails fast with the last dial error
+    /// until its back-off lets it reconnect. The probe reaches the snapshotter itself (a
+    /// prepare and a remove of `wait-probe`; `ctr snapshots ls` reads only containerd's
+    /// metadata).
+    pub fn wait_snapshotter(&self, snapshotter: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let probe = |args: &[&str]| {
+            let mut a = vec!["snapshots", "--snapshotter", snapshotter];
+            a.extend_from_slice(args);
+            self.ctr(&a)
+        };
+        loop {
+            let out = probe(&["prepare", "wait-probe"]);
+            if out.status.success() {
+                self.ctr_ok(&[
+                    "snapshots",
+                    "--snapshotter",
+                    snapshotter,
+                    "rm",
+                    "wait-probe",
+                ]);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapshotter {snapshotter} did not answer within 30 s: {}\n{}",
+                text(&out.stderr),
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The snapshots of `snapshotter` (`ctr snapshots --snapshotter S ls`).
     pub fn snapshots_ls(&self, snapshotter: &str) -> Vec<SnapshotInfo> {
         let out = self.ctr_ok(&["snapshots", "--snapshotter", snapshotter, "ls"]);

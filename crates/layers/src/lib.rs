@@ -50,7 +50,9 @@ use thinpool_fs::{FsType, filesystem, loopdev, mount};
 
 /// The label (on prepare or view) asking for a snapshot of at least this many bytes (a size
 /// like `20G` or a byte count): it is grown, with its filesystem, before it is handed out.
-pub const SIZE_LABEL: &str = "thinpool.io/size";
+/// containerd hands a snapshotter only the labels under `containerd.io/snapshot/`, so the
+/// label lives there: `ctr run --snapshotter-label containerd.io/snapshot/thinpool.size=20G`.
+pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinpool.size";
 
 /// Name of the base device's volume.
 pub const BASE_VOLUME: &str = "layer-base";
