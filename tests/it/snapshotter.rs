@@ -309,6 +309,36 @@ fn containerd_imports_runs_commits_and_collects_on_thin_snapshots() {
             "{err}"
         );
         assert!(store_key_of(&store(up), "my-layer").is_some());
+        // The operator's view of the same store, without containerd: `thinpool snapshot
+        // tree` nests each layer under its parent, `info` has the record and the usage, `rm`
+        // refuses a snapshot with a child.
+        let now = store(up);
+        let key_of = |k: &str| {
+            store_key_of(&now, k).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let tree = up.ok(&["snapshot", "tree"]);
+        let depth = |key: &str| {
+            tree.lines()
+                .find(|l| l.contains(&format!("\\_ {key} (")))
+                .map(|l| l.find("\\_").unwrap() / 2)
+        };
+        let lineage = [chain[0].as_str(), &chain[1], &chain[2], "my-layer", "child"];
+        for (level, k) in lineage.iter().enumerate() {
+            assert_eq!(depth(&key_of(k)), Some(level), "{k} in\n{tree}");
+        }
+        let info = up.json(&["snapshot", "info", &key_of("my-layer")]);
+        assert_eq!(info["kind"], "committed", "{info}");
+        assert_eq!(info["parent"], key_of(&chain[2]).as_str(), "{info}");
+        assert!(
+            info["usage"]["exclusive_bytes"].as_u64().unwrap() > 0,
+            "{info}"
+        );
+        let err = up.fails(&["snapshot", "rm", &key_of("my-layer")]);
+        assert!(err.contains("child"), "{err}");
+        assert_eq!(store(up), now, "a refused rm changed the store");
     } // unmounted, child removed
     ctd.ctr_ok(&["snapshots", "--snapshotter", TP, "rm", "my-layer"]);
 
