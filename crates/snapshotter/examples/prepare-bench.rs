@@ -205,11 +205,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             };
             ms[s].push(t.elapsed().as_secs_f64() * 1e3);
-            if let Some(d) = &a.mount_dir {
-                if let Err(e) = mount_and_unmount(&mounts, d) {
-                    failed = Some(format!("{sn}: {key}: {e}"));
-                    break 'run;
-                }
+            if let Some(d) = &a.mount_dir
+                && let Err(e) = mount_and_unmount(&mounts, d)
+            {
+                failed = Some(format!("{sn}: {key}: {e}"));
+                break 'run;
             }
         }
     }
