@@ -559,6 +559,15 @@ fn kill_9_during_an_import_then_import_again() {
             "{e} has no volume"
         );
     }
+    // And thin_check agrees with the pool the crash left (the daemon stopped for it).
+    s.up.stop();
+    s.up.thin_check();
+    s.up.spawn(&UP);
+    assert_eq!(
+        store(&s.up),
+        list,
+        "the store changed across a clean restart"
+    );
     // containerd's client to the snapshotter reconnects on its own back-off.
     s.ctd.wait_snapshotter(TP);
     s.ctd.import(&t, TP);
