@@ -1,7 +1,7 @@
 //! [`Pool`]: a pool in a root directory — devices, metadata, catalog, commit timer, status,
 //! growth, and the volume operations (create, snapshot, remove, resize).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -758,9 +758,12 @@ impl Pool {
             .map(|v| v.quiesce.write().expect("quiesce lock poisoned"));
         let mut st = self.inner.md_writable()?;
         self.check_free_space(&st)?;
-        let used: Vec<u32> = st.md.devices()?.iter().map(|(i, _)| i.get()).collect();
+        // The lowest id neither the metadata nor the catalog uses (one set: a snapshot's cost
+        // stays flat in the number of volumes).
+        let mut used: HashSet<u32> = st.md.devices()?.iter().map(|(i, _)| i.get()).collect();
+        used.extend(cat.volumes.values().map(|e| e.thin_id));
         let thin_id = (0..=ThinId::MAX)
-            .find(|i| !used.contains(i) && cat.by_thin_id(*i).is_none())
+            .find(|i| !used.contains(i))
             .ok_or_else(|| Error::NoSpace("all 2^24 thin device ids are in use".into()))?;
         let tid = st.md.transaction_id();
         let size = match &origin_state {

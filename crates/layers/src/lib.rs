@@ -342,9 +342,28 @@ impl LayerStore {
         };
         let snap = record_of(&info).expect("the record was just written");
         st.snapshots.insert(key.to_string(), snap);
+        // A new volume: no loop device can be over its file yet (names are never reused), so
+        // attach without looking through every loop device (Prepare stays flat in the number
+        // of snapshots).
+        // Without a device (no free loop device) the prepare is undone: containerd may ask
+        // again with the same key.
+        let read_only = kind == Kind::View;
+        let device = match loopdev::attach(&files.join(&name), read_only) {
+            Ok(d) => d,
+            Err(e) => {
+                st.snapshots.remove(key);
+                if let Err(e2) = self.pool.remove_volume(&name) {
+                    tracing::error!(
+                        volume = name,
+                        "removing a snapshot with no loop device: {e2}"
+                    );
+                }
+                return Err(e.into());
+            }
+        };
         drop(st);
         tracing::info!(key, parent, volume = name, %kind, "snapshot prepared");
-        self.mounts(key)
+        Ok(ext4_mount(device, read_only))
     }
 
     /// Grow the new, unmounted snapshot `name` to `size` with its filesystem, then clear its
@@ -373,15 +392,7 @@ impl LayerStore {
             Some(d) => d,
             None => loopdev::attach(&file, read_only)?,
         };
-        Ok(vec![Mount {
-            fstype: "ext4".into(),
-            source: device,
-            options: if read_only {
-                vec!["ro".into()]
-            } else {
-                Vec::new()
-            },
-        }])
+        Ok(ext4_mount(device, read_only))
     }
 
     /// Commit the active snapshot `key` as the committed `name` (same volume; its loop device
@@ -677,6 +688,19 @@ fn detach_unmounted_loops(files: &Path, keep: &[PathBuf]) {
 }
 
 /// The loop device over `file`, if any.
+/// What containerd mounts for a snapshot on `device`: ext4, read-only for a view.
+fn ext4_mount(device: PathBuf, read_only: bool) -> Vec<Mount> {
+    vec![Mount {
+        fstype: "ext4".into(),
+        source: device,
+        options: if read_only {
+            vec!["ro".into()]
+        } else {
+            Vec::new()
+        },
+    }]
+}
+
 fn loop_of(file: &Path) -> Option<PathBuf> {
     loopdev::list()
         .into_iter()
