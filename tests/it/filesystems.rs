@@ -729,3 +729,74 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
     up.stop();
     up.thin_check();
 }
+
+/// The daemon in a mount namespace of its own whose `/dev` is a fresh tmpfs holding only
+/// `/dev/null` and, if `fuse`, `/dev/fuse`: no loop device can be found or made there.
+fn private_dev(fuse: bool) -> Vec<&'static str> {
+    let script = if fuse {
+        "mount -t tmpfs -o mode=755 none /dev && mknod -m 666 /dev/null c 1 3 && \
+         mknod -m 666 /dev/fuse c 10 229 && exec \"$@\""
+    } else {
+        "mount -t tmpfs -o mode=755 none /dev && mknod -m 666 /dev/null c 1 3 && exec \"$@\""
+    };
+    vec![
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]
+}
+
+/// No free loop device, and no FUSE at all: clear errors, nothing changed.
+#[test]
+fn no_free_loop_device_and_no_fuse_are_clear_errors() {
+    if !usable() || !require_tools(&["unshare", "mknod"]) {
+        return;
+    }
+    let (mut up, _guard) = start(&[]);
+    up.ok(&["vol", "create", "v", "--size", "64M"]);
+    up.stop();
+    let dir = folder(&up, "mnt");
+    let d = dir.to_str().unwrap();
+
+    up.spawn_wrapped(&private_dev(true), &POOL);
+    let before = up.ok(&["vol", "ls", "--json"]);
+    for args in [
+        vec!["vol", "attach", "v"],
+        vec!["mount", "v", d, "--mkfs", "ext4"],
+    ] {
+        let err = up.fails(&args);
+        assert!(
+            err.contains("no free loop device") && err.contains("losetup -a"),
+            "thinpool {args:?}: {err}"
+        );
+        assert_eq!(
+            up.ok(&["vol", "ls", "--json"]),
+            before,
+            "{args:?} changed it"
+        );
+    }
+    assert_eq!(
+        up.vol("v").1,
+        0,
+        "mkfs wrote to a volume it could not mount"
+    );
+    assert!(mounted(&dir).is_none());
+    up.stop();
+
+    up.spawn_wrapped(&private_dev(false), &POOL);
+    assert!(
+        up.log_text().contains("not serving volumes as files"),
+        "{}",
+        up.log_text()
+    );
+    let err = up.fails(&["mount", "v", d, "--mkfs", "ext4"]);
+    assert!(err.contains("/dev/fuse"), "{err}");
+    assert_eq!(up.ok(&["vol", "ls", "--json"]), before);
+    up.stop();
+    up.thin_check();
+}

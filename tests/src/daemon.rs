@@ -40,12 +40,28 @@ impl Up {
 
     /// Start `thinpool up ARGS…` (again) on this root; returns once it serves.
     pub fn spawn(&mut self, args: &[&str]) {
+        self.spawn_wrapped(&[], args);
+    }
+
+    /// Start `WRAPPER… thinpool --root ROOT up ARGS…` (again): the wrapper (e.g. `unshare`)
+    /// runs the daemon with the rest of its words, and must exec it (same pid, so signals
+    /// reach the daemon). Returns once it serves.
+    pub fn spawn_wrapped(&mut self, wrapper: &[&str], args: &[&str]) {
         let logf = std::fs::File::create(&self.log).unwrap();
         let mut c = self.cmd(&["up"]);
-        c.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf);
+        c.args(args);
+        if let Some((first, rest)) = wrapper.split_first() {
+            let mut w = Command::new(first);
+            w.args(rest).arg(c.get_program()).args(c.get_args());
+            for (k, v) in c.get_envs() {
+                match v {
+                    Some(v) => w.env(k, v),
+                    None => w.env_remove(k),
+                };
+            }
+            c = w;
+        }
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
         self.child = Some(c.spawn().expect("start thinpool up"));
         let deadline = Instant::now() + Duration::from_secs(60);
         // The last line `up` prints once everything is served (an earlier log line may

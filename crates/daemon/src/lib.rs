@@ -356,6 +356,7 @@ impl Daemon {
                 }
                 Err(e) if e.is_unavailable() && !opts.fuse_required => {
                     tracing::warn!("not serving volumes as files: {e}");
+                    daemon.mounts.set_unserved(e.to_string());
                     daemon.fuse_unavailable = Some(e.to_string());
                 }
                 Err(e) => return Err(e.into()),

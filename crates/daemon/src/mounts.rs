@@ -101,6 +101,8 @@ pub(crate) struct Mounts {
     path: PathBuf,
     /// The FUSE export's folder, while it is served.
     files: Mutex<Option<PathBuf>>,
+    /// Why the export is not served, when it is not (for the refusals).
+    unserved: Mutex<String>,
     table: Mutex<Table>,
 }
 
@@ -143,6 +145,7 @@ impl Mounts {
         Mounts {
             path,
             files: Mutex::new(None),
+            unserved: Mutex::new("started with `--no-fuse`".into()),
             table: Mutex::new(table),
         }
     }
@@ -182,10 +185,18 @@ impl Mounts {
             Some(dir) => Ok(dir.join(name)),
             None => Err(Refusal::new(
                 ErrorKind::InvalidArgument,
-                "loop devices and mounts need the volumes' files, and this daemon does not serve \
-                 them (FUSE unavailable or `--no-fuse`): start `thinpool up` with FUSE",
+                format!(
+                    "loop devices and mounts need the volumes' files, and this daemon does not \
+                     serve them ({}): start `thinpool up` with FUSE",
+                    lock(&self.unserved)
+                ),
             )),
         }
+    }
+
+    /// Why the FUSE export is not served (its error), for the refusals that need it.
+    pub fn set_unserved(&self, why: String) {
+        *lock(&self.unserved) = why;
     }
 
     /// Before the FUSE export mounts: detach what a daemon that died left over the dead
@@ -767,6 +778,7 @@ impl Mounts {
         if busy.is_empty() {
             // Stopping: nothing more is attached.
             *lock(&self.files) = None;
+            *lock(&self.unserved) = "the daemon is stopping".into();
             Ok(())
         } else {
             Err(busy.join("; "))
