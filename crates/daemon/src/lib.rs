@@ -348,7 +348,11 @@ impl Daemon {
         if let Some(cfg) = &opts.fuse {
             // Filesystems and loop devices a killed daemon left over its dead export go first,
             // so that the export mounts again and what was mounted is mounted over it anew.
-            daemon.mounts.clear_stale(&cfg.mount_dir);
+            // (By the folder's real path: the kernel names a loop device's file so.)
+            let stale_dir = cfg.mount_dir.canonicalize();
+            daemon
+                .mounts
+                .clear_stale(stale_dir.as_deref().unwrap_or(&cfg.mount_dir));
             match FuseServer::start(daemon.pool(), cfg) {
                 Ok(f) => {
                     daemon.mounts.restore(&daemon.pool(), f.mount_dir());

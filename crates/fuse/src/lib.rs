@@ -147,6 +147,9 @@ impl FuseServer {
             });
         }
         mountpoint::prepare(&dir)?;
+        // Symlinks resolved: the kernel names a loop device's file by its real path, so the
+        // loop devices over these files are found by this folder only in that form.
+        let dir = dir.canonicalize().unwrap_or(dir);
         let block_size = pool.status().map_err(Error::Pool)?.block_size;
         let shared = Arc::new(Shared::new(pool, block_size, cfg));
         let threads = cfg.threads.unwrap_or_else(|| {

@@ -211,7 +211,10 @@ struct State {
 impl LayerStore {
     /// Open the store on `pool`: read the records from the catalog and roll back a prepare a
     /// crash interrupted (a volume still marked `preparing` is removed).
-    pub fn open(pool: Arc<Pool>, opts: StoreOptions) -> Result<LayerStore> {
+    pub fn open(pool: Arc<Pool>, mut opts: StoreOptions) -> Result<LayerStore> {
+        // The kernel names a loop device's file by its real path: the store finds its loop
+        // devices by the files' folder with symlinks resolved.
+        opts.files = opts.files.map(|f| f.canonicalize().unwrap_or(f));
         let mut snapshots = BTreeMap::new();
         let mut next = 1;
         for v in pool.volumes()? {
@@ -315,8 +318,8 @@ impl LayerStore {
             record.insert(PARENT.into(), parent.into());
         }
         record.insert(UPDATED.into(), secs(now).to_string());
-        for (k, v) in &labels {
-            record.insert(format!("{LABEL}{k}"), v.clone());
+        for (k, v) in kept(labels) {
+            record.insert(format!("{LABEL}{k}"), v);
         }
         let name = format!("layer-{}", st.next);
         st.next += 1;
@@ -396,10 +399,17 @@ impl LayerStore {
     }
 
     /// Commit the active snapshot `key` as the committed `name` (same volume; its loop device
-    /// is detached, refused while it is mounted). `labels` replace its labels when not empty.
+    /// is detached, refused while it is mounted), with `labels` (the active one's are not
+    /// inherited).
     pub fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
         check_key(name)?;
         let mut st = self.lock();
+        // containerd's order: the name first, then the key.
+        if st.snapshots.contains_key(name) {
+            return Err(Error::AlreadyExists(format!(
+                "cannot commit {key} as {name}: a snapshot {name} already exists"
+            )));
+        }
         let s = get(&st, key)?.clone();
         if s.kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(
@@ -407,23 +417,17 @@ impl LayerStore {
                 s.kind
             )));
         }
-        if st.snapshots.contains_key(name) {
-            return Err(Error::AlreadyExists(format!(
-                "cannot commit {key} as {name}: a snapshot {name} already exists"
-            )));
-        }
         self.release_loop(&s)?;
         // Everything written to it is durable before it is called committed.
         self.pool.commit()?;
-        let mut c = Snapshot {
+        // The committed snapshot has the commit's labels, none inherited (as containerd's).
+        let c = Snapshot {
             key: name.to_string(),
             kind: Kind::Committed,
             updated: SystemTime::now(),
+            labels: kept(labels),
             ..s.clone()
         };
-        if !labels.is_empty() {
-            c.labels = labels;
-        }
         self.pool.set_labels(&s.volume, record_labels(&c))?;
         st.snapshots.remove(key);
         st.snapshots.insert(name.to_string(), c);
@@ -491,7 +495,7 @@ impl LayerStore {
                 }
             }
         }
-        s.labels = new;
+        s.labels = kept(new);
         s.updated = SystemTime::now();
         self.pool.set_labels(&s.volume, record_labels(&s))?;
         st.snapshots.insert(key.to_string(), s.clone());
@@ -744,6 +748,11 @@ fn record_of(v: &VolumeInfo) -> Option<Snapshot> {
 }
 
 /// The catalog labels that record `s`.
+/// containerd stores no label whose value is empty (`labels.K` updated to "" deletes K).
+fn kept(labels: Labels) -> Labels {
+    labels.into_iter().filter(|(_, v)| !v.is_empty()).collect()
+}
+
 fn record_labels(s: &Snapshot) -> Labels {
     let mut l = Labels::new();
     l.insert(KEY.into(), s.key.clone());
