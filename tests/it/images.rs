@@ -283,6 +283,19 @@ fn overlay_works() -> Result<(), String> {
     Ok(())
 }
 
+/// A private containerd whose overlayfs snapshotter works here, and runc if `run`; `None`
+/// (after a loud skip, a failure under CI) otherwise.
+fn overlay_containerd(run: bool) -> Option<Containerd> {
+    if let Err(why) = overlay_works() {
+        thinpool_tests::skip_or_fail(&why);
+        return None;
+    }
+    if run && !require_tool("runc") {
+        return None;
+    }
+    Containerd::start(None)
+}
+
 /// containerd's overlayfs snapshotter: the docker save tarball, then (after the first image is
 /// removed and collected) the OCI archive, each imported and a container snapshot mounted by
 /// hand equal to our reference tree.
@@ -291,11 +304,7 @@ fn containerd_overlayfs_import_matches_reference() {
     let Some(img) = images::rich(RICH) else {
         return;
     };
-    if let Err(why) = overlay_works() {
-        thinpool_tests::skip_or_fail(&why);
-        return;
-    }
-    let Some(ctd) = Containerd::start(None) else {
+    let Some(ctd) = overlay_containerd(false) else {
         return;
     };
     let tmp = scratch();
@@ -365,14 +374,7 @@ fn containerd_run_busybox() {
     let Some(rich) = images::rich(RICH) else {
         return;
     };
-    if let Err(why) = overlay_works() {
-        thinpool_tests::skip_or_fail(&why);
-        return;
-    }
-    if !require_tool("runc") {
-        return;
-    }
-    let Some(ctd) = Containerd::start(None) else {
+    let Some(ctd) = overlay_containerd(true) else {
         return;
     };
     let tmp = scratch();
@@ -431,14 +433,7 @@ fn containerd_drop_kills_tasks() {
     let Some(bb) = images::busybox(BUSYBOX) else {
         return;
     };
-    if let Err(why) = overlay_works() {
-        thinpool_tests::skip_or_fail(&why);
-        return;
-    }
-    if !require_tool("runc") {
-        return;
-    }
-    let Some(ctd) = Containerd::start(None) else {
+    let Some(ctd) = overlay_containerd(true) else {
         return;
     };
     let tmp = scratch();

@@ -492,7 +492,9 @@ fn bad_requests_are_refused_with_containerds_codes() {
     // `thinpool vol rm` of a store volume is refused with the way out.
     let err = up.fails(&["vol", "rm", big["volume"].as_str().unwrap()]);
     assert!(err.contains("thinpool snapshot rm"), "{err}");
+    // containerd removes a container's snapshot from the snapshotter in its next collection.
     ctd.ctr_ok(&["containers", "rm", "big"]);
+    ctd.gc();
     for k in ["active-1", "view-1"] {
         ctd.ctr_ok(&["snapshots", "--snapshotter", TP, "rm", k]);
     }
