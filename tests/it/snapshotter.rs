@@ -561,9 +561,44 @@ fn kill_9_during_an_import_then_import_again() {
             "{e} has no volume"
         );
     }
-    // And thin_check agrees with the pool the crash left (the daemon stopped for it).
+    // And thin_check agrees with the pool the crash left (the daemon stopped for it); the
+    // usage the store reports is thin_ls's EXCLUSIVE_BLOCKS of each snapshot's device.
+    let usage = s.up.json(&["snapshot", "usage", "--json"]);
     s.up.stop();
     s.up.thin_check();
+    let thin_id = |volume: &str| {
+        vols.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == volume)
+            .and_then(|v| v["thin_id"].as_u64())
+            .unwrap()
+    };
+    let out = thinpool_tests::run(
+        thinpool_tests::tool("thin_ls")
+            .args(["--no-headers", "-o", "DEV,EXCLUSIVE_BLOCKS"])
+            .arg(s.up.root.join("pool/metadata")),
+    );
+    assert!(out.status.success(), "thin_ls: {}", text(&out.stderr));
+    let thin_ls: std::collections::BTreeMap<u64, u64> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(|w| w.parse::<u64>().ok());
+            Some((f.next()??, f.next()??))
+        })
+        .collect();
+    assert!(!list.is_empty());
+    for e in &list {
+        let dev = thin_id(e["volume"].as_str().unwrap());
+        let ours = usage[e["key"].as_str().unwrap()]["exclusive_bytes"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            Some(ours / 65536),
+            thin_ls.get(&dev).copied(),
+            "exclusive blocks of {e} (device {dev}): ours vs thin_ls {thin_ls:?}"
+        );
+    }
     s.up.spawn(&UP);
     assert_eq!(
         store(&s.up),
