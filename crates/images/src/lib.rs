@@ -1,0 +1,31 @@
+//! Images and containers without containerd (issue 14), first piece: the **layer applier**.
+//!
+//! [`apply_layer`] unpacks one OCI/docker layer (a tar stream, plain or gzip) onto a directory
+//! tree that already holds the parent layers — a mounted snapshot — as containerd and umoci do:
+//! whiteouts (`.wh.NAME`) remove what lower layers put there, an opaque marker (`.wh..wh..opq`)
+//! empties a directory of lower content while keeping what the same layer adds, and regular
+//! files, directories, symlinks, hardlinks, device nodes and FIFOs are created with their modes,
+//! owners, mtimes and extended attributes.
+//!
+//! **Nothing outside the root is touched.** Every path is split into components, `..` and
+//! absolute paths are refused, and the components are opened one at a time relative to a
+//! directory descriptor with `O_NOFOLLOW`, so a symlink in a parent position — from a lower layer
+//! or from this very layer — is never followed; the final component is acted on by `*at` calls
+//! that do not follow it either. A refused layer returns [`Error`] naming the entry; the tree may
+//! be half-applied (the caller discards the snapshot), but nothing beyond it has changed.
+//!
+//! ```no_run
+//! let layer = std::fs::File::open("layer.tar")?;
+//! let stats = thinpool_images::apply_layer(std::path::Path::new("/mnt/snap"), layer)?;
+//! println!("{} entries, {} bytes, {} whiteouts", stats.entries, stats.bytes, stats.whiteouts);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod apply;
+mod error;
+mod resolve;
+
+pub use apply::{ApplyStats, apply_layer};
+pub use error::{Error, ErrorKind, Result};
