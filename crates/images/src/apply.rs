@@ -129,7 +129,11 @@ impl Applier {
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
         let raw = entry.path_bytes().into_owned();
         let name = String::from_utf8_lossy(&raw).into_owned();
-        let kind = entry.header().entry_type();
+        let mut kind = entry.header().entry_type();
+        // Old tars mark directories as regular files whose name ends with '/'.
+        if kind == EntryType::Regular && raw.last() == Some(&b'/') {
+            kind = EntryType::Directory;
+        }
         if matches!(
             kind,
             EntryType::XGlobalHeader | EntryType::GNULongName | EntryType::GNULongLink
@@ -628,6 +632,12 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta>
                 b"mtime" => {
                     mtime =
                         parse_pax_time(value).ok_or_else(|| invalid("PAX mtime record".into()))?
+                }
+                _ if key.starts_with(b"GNU.sparse.") => {
+                    return Err(Error::UnsupportedType {
+                        entry: name.into(),
+                        kind: "PAX sparse file (GNU.sparse.* records)".into(),
+                    });
                 }
                 _ => {
                     if let Some(xattr) = key.strip_prefix(b"SCHILY.xattr.") {

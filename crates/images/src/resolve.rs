@@ -114,8 +114,17 @@ pub(crate) fn open_dir(
                         });
                     }
                 }
-                rustix::fs::openat(&cur, name, DIR_FLAGS, Mode::empty())
-                    .map_err(|errno| classify(&cur, name, index, errno))?
+                let dir = rustix::fs::openat(&cur, name, DIR_FLAGS, Mode::empty())
+                    .map_err(|errno| classify(&cur, name, index, errno))?;
+                // 0755 whatever the umask.
+                rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o755)).map_err(|errno| {
+                    WalkError::Io {
+                        index,
+                        op: "chmod",
+                        errno,
+                    }
+                })?;
+                dir
             }
             Err(errno) => return Err(classify(&cur, name, index, errno)),
         };

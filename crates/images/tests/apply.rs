@@ -723,3 +723,104 @@ fn entries_replace_a_symlink_instead_of_writing_through_it() {
         assert!(got.lines().any(|l| l == line), "missing {line:?} in\n{got}");
     }
 }
+
+/// Runs GNU tar in `dir` with `args`; `None` (skipped) when it cannot.
+fn gnu_tar(dir: &Path, args: &[&str]) -> Option<()> {
+    match Command::new("tar").current_dir(dir).args(args).status() {
+        Ok(s) if s.success() => Some(()),
+        other => {
+            thinpool_testkit::skip_or_fail(&format!("GNU tar {args:?} failed: {other:?}"));
+            None
+        }
+    }
+}
+
+#[test]
+fn gnu_sparse_files_and_long_names_from_gnu_tar() {
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let long = format!("{}/{}", "d".repeat(120), "f".repeat(140));
+    fs::create_dir_all(src.join("d".repeat(120))).unwrap();
+    fs::write(src.join(&long), b"long name").unwrap();
+    let sparse = fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"middle", 3 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"end", (8 << 20) - 3).unwrap();
+    drop(sparse);
+    for format in ["gnu", "oldgnu"] {
+        let Some(()) = gnu_tar(
+            &src,
+            &[
+                "--sparse",
+                &format!("--format={format}"),
+                "-cf",
+                "../layer.tar",
+                ".",
+            ],
+        ) else {
+            return;
+        };
+        let root = tmp.path().join(format!("root-{format}"));
+        fs::create_dir(&root).unwrap();
+        let layer = fs::read(tmp.path().join("layer.tar")).unwrap();
+        let stats = apply(&root, &layer).unwrap();
+        assert_eq!(stats.bytes, (8 << 20) + 9, "{format}");
+        assert_eq!(fs::read(root.join(&long)).unwrap(), b"long name");
+        let data = fs::read(root.join("sparse")).unwrap();
+        assert_eq!(data, fs::read(src.join("sparse")).unwrap(), "{format}");
+        let blocks = fs::metadata(root.join("sparse")).unwrap().blocks();
+        assert!(blocks * 512 <= 64 << 10, "{format}: {blocks} blocks");
+    }
+    // PAX long names work; PAX sparse files (GNU.sparse.* records) the tar crate cannot
+    // expand, so they are refused rather than written wrong.
+    let Some(()) = gnu_tar(&src, &["--format=pax", "-cf", "../pax.tar", "."]) else {
+        return;
+    };
+    let root = tmp.path().join("root-pax");
+    fs::create_dir(&root).unwrap();
+    apply(&root, &fs::read(tmp.path().join("pax.tar")).unwrap()[..]).unwrap();
+    assert_eq!(fs::read(root.join(&long)).unwrap(), b"long name");
+    let Some(()) = gnu_tar(
+        &src,
+        &["--format=pax", "--sparse", "-cf", "../pax-sparse.tar", "."],
+    ) else {
+        return;
+    };
+    let root = tmp.path().join("root-pax-sparse");
+    fs::create_dir(&root).unwrap();
+    let err = apply(
+        &root,
+        &fs::read(tmp.path().join("pax-sparse.tar")).unwrap()[..],
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+}
+
+#[test]
+fn old_style_directories_and_xattr_namespaces() {
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut l = Layer::new(T1);
+    l.raw(EntryType::Regular, "olddir/", "", b"");
+    l.xattrs(&[
+        ("user.ok", b"1"),
+        ("system.nope", b"2"),
+        ("security.selinux", b"x"),
+    ])
+    .file("olddir/f", 0o644, b"f");
+    let stats = apply(tmp.path(), &l.finish()).unwrap();
+    assert_eq!(stats.entries, 2);
+    let got = describe(tmp.path(), false);
+    assert!(got.contains("olddir d 0644 0:0\n"), "{got}");
+    assert!(
+        got.contains(&format!(
+            "olddir/f f 0644 0:0 \"f\" nlink=1 x[user.ok=\"1\"] t={T1}\n"
+        )),
+        "{got}"
+    );
+}
