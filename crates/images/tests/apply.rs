@@ -824,3 +824,75 @@ fn old_style_directories_and_xattr_namespaces() {
         "{got}"
     );
 }
+
+#[test]
+fn mutated_layers_never_panic_nor_escape() {
+    if !is_root() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let out = sb.out();
+    let mut l = Layer::new(T1);
+    l.dir("a/", 0o755)
+        .file("a/f", 0o644, b"file")
+        .symlink("a/evil", &out)
+        .symlink("a/rel", "../../outside")
+        .hardlink("a/h", "a/f")
+        .node(EntryType::Fifo, "a/p", 0o600, 0, 0)
+        .whiteout("a/.wh.x")
+        .whiteout("a/.wh..wh..opq");
+    l.xattrs(&[("user.k", b"v")]).file("b/c", 0o600, b"c");
+    let layer = l.finish();
+    // The headers' offsets, so mutations can keep checksums valid and reach the applier.
+    let mut headers = Vec::new();
+    let mut off = 0;
+    while off + 512 <= layer.len() && layer[off..off + 512].iter().any(|&b| b != 0) {
+        headers.push(off);
+        let size = Header::from_byte_slice(&layer[off..off + 512])
+            .entry_size()
+            .unwrap();
+        off += 512 + (size as usize).div_ceil(512) * 512;
+    }
+    // A small deterministic generator: in a header's name, link name or type, write a random
+    // byte, a '/', or "../", then fix the checksum; sometimes cut the stream.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut refused = 0;
+    for case in 0..400 {
+        let mut bytes = layer.clone();
+        for _ in 0..1 + next() % 3 {
+            let h = headers[(next() % headers.len() as u64) as usize];
+            let field = match next() % 5 {
+                0 | 1 => h + (next() % 100) as usize,
+                2 | 3 => h + 157 + (next() % 100) as usize,
+                _ => h + 156,
+            };
+            match next() % 3 {
+                0 => bytes[field] = next() as u8,
+                1 => bytes[field] = b'/',
+                _ => bytes[field..field + 3].copy_from_slice(b"../"),
+            }
+            let mut header = Header::new_old();
+            header.as_mut_bytes().copy_from_slice(&bytes[h..h + 512]);
+            header.set_cksum();
+            bytes[h..h + 512].copy_from_slice(header.as_bytes());
+        }
+        if next() % 8 == 0 {
+            let cut = (next() % bytes.len() as u64) as usize;
+            bytes.truncate(cut);
+        }
+        let root = sb.root.join(format!("{case}"));
+        fs::create_dir(&root).unwrap();
+        if let Err(e) = apply(&root, &bytes[..]) {
+            refused += 1;
+            let _ = e.to_string();
+        }
+        sb.assert_untouched();
+    }
+    eprintln!("{refused} of 400 mutated layers refused");
+}
