@@ -79,7 +79,16 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<ApplyStats> {
         applier.run(reader)?;
     }
     applier.set_dir_times()?;
-    Ok(applier.stats)
+    let stats = applier.stats;
+    tracing::debug!(
+        root = %root.display(),
+        entries = stats.entries,
+        bytes = stats.bytes,
+        whiteouts = stats.whiteouts,
+        gzip,
+        "layer applied"
+    );
+    Ok(stats)
 }
 
 struct Applier {
