@@ -154,6 +154,12 @@ impl Applier {
             entry: name.clone(),
             reason: reason.into(),
         })?;
+        if comps.len() > resolve::MAX_DEPTH {
+            return Err(Error::Invalid {
+                entry: name,
+                what: format!("path deeper than {} components", resolve::MAX_DEPTH),
+            });
+        }
         let Some((base, parents)) = comps.split_last() else {
             return self.root_entry(entry, &name, kind);
         };
@@ -268,11 +274,11 @@ impl Applier {
         let Some(dir) = self.open_parent(name, parents, Missing::Stop)? else {
             return Ok(());
         };
-        let io = |op, path: Vec<u8>, errno: Errno| Error::Io {
+        let io = |op, path: Vec<u8>, source: io::Error| Error::Io {
             entry: name.into(),
             op,
             path: PathBuf::from(resolve::os(&path)),
-            source: errno.into(),
+            source,
         };
         if opaque {
             let prefix = resolve::join(parents);
@@ -289,7 +295,7 @@ impl Applier {
         }
         if self.added_ancestors.contains(&key) {
             let sub = resolve::open_subdir(dir.as_fd(), resolve::os(victim))
-                .map_err(|e| io("open", key.clone(), e))?;
+                .map_err(|e| io("open", key.clone(), e.into()))?;
             return self
                 .prune(sub.as_fd(), &key)
                 .map_err(|(path, e)| io("prune", path, e));
@@ -299,15 +305,15 @@ impl Applier {
 
     /// Removes from `dir` (at `prefix`) everything this layer did not create, descending into
     /// the directories it created or wrote below.
-    fn prune(&self, dir: BorrowedFd<'_>, prefix: &[u8]) -> Result<(), (Vec<u8>, Errno)> {
-        let names = resolve::list_dir(dir).map_err(|e| (prefix.to_vec(), e))?;
+    fn prune(&self, dir: BorrowedFd<'_>, prefix: &[u8]) -> Result<(), (Vec<u8>, io::Error)> {
+        let names = resolve::list_dir(dir).map_err(|e| (prefix.to_vec(), e.into()))?;
         for child in names {
             let key = if prefix.is_empty() {
                 child.clone()
             } else {
                 [prefix, b"/", &child].concat()
             };
-            let at = |e| (key.clone(), e);
+            let at = |e: Errno| (key.clone(), io::Error::from(e));
             let name = resolve::os(&child);
             if self.added.contains(&key) || self.added_ancestors.contains(&key) {
                 if resolve::file_type_at(dir, name).map_err(at)? == Some(FileType::Directory) {
@@ -315,7 +321,7 @@ impl Applier {
                     self.prune(sub.as_fd(), &key)?;
                 }
             } else {
-                resolve::remove_tree(dir, name).map_err(at)?;
+                resolve::remove_tree(dir, name).map_err(|e| (key.clone(), e))?;
             }
         }
         Ok(())
@@ -480,7 +486,7 @@ impl Target<'_> {
             Ok(Some(FileType::Directory)) if keep_dir => Ok(true),
             Ok(Some(_)) => resolve::remove_tree(self.dir, self.name())
                 .map(|()| false)
-                .map_err(|e| self.io("remove", e.into())),
+                .map_err(|e| self.io("remove", e)),
             Err(e) => Err(self.io("stat", e.into())),
         }
     }

@@ -11,6 +11,7 @@
 //! the root's tree, reached only through real directories.
 
 use std::ffi::OsStr;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -175,20 +176,35 @@ pub(crate) fn open_subdir(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, 
     rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())
 }
 
+/// The deepest directory tree [`remove_tree`] descends into, and the most components an entry's
+/// path may have: enough for any real image (PATH_MAX allows 2048), few enough that the
+/// recursion fits a thread's stack and a hostile layer cannot make each entry cost a million
+/// `openat` calls.
+pub(crate) const MAX_DEPTH: usize = 1024;
+
 /// Removes `name` from `dir`: a file, a symlink (not its target) or a whole directory tree,
 /// descending only through real directories. A missing `name` is not an error.
-pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    remove_below(dir, name, 0)
+}
+
+fn remove_below(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<()> {
     match file_type_at(dir, name)? {
         None => Ok(()),
         Some(FileType::Directory) => {
+            if depth >= MAX_DEPTH {
+                return Err(io::Error::other(format!(
+                    "directory tree deeper than {MAX_DEPTH} levels"
+                )));
+            }
             let sub = open_subdir(dir, name)?;
             for child in list_dir(sub.as_fd())? {
-                remove_tree(sub.as_fd(), os(&child))?;
+                remove_below(sub.as_fd(), os(&child), depth + 1)?;
             }
             drop(sub);
-            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+            Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
         }
-        Some(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty()),
+        Some(_) => Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?),
     }
 }
 

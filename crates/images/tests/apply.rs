@@ -907,3 +907,28 @@ fn a_root_that_is_not_a_directory_is_an_error() {
         assert!(err.to_string().contains(root.to_str().unwrap()), "{err}");
     }
 }
+
+#[test]
+fn deep_paths_are_errors_not_stack_overflows() {
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // An entry 1025 components deep is refused before anything is created.
+    let mut l = Layer::new(T1);
+    l.file(&format!("{}f", "d/".repeat(1024)), 0o644, b"deep");
+    let err = apply(tmp.path(), &l.finish()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(!tmp.path().join("d").exists());
+    // 1000 is fine.
+    let mut l = Layer::new(T1);
+    l.file(&format!("{}f", "d/".repeat(999)), 0o644, b"deep");
+    apply(tmp.path(), &l.finish()).unwrap();
+    // A lower tree deeper than the applier descends: its whiteout is an error.
+    fs::create_dir_all(tmp.path().join("e/".repeat(1100))).unwrap();
+    let mut l = Layer::new(T2);
+    l.whiteout(".wh.e").whiteout(".wh.d");
+    let err = apply(tmp.path(), &l.finish()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    assert!(err.to_string().contains(".wh.e"), "{err}");
+}
