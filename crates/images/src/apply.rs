@@ -166,6 +166,13 @@ impl Applier {
         if let Some(victim) = base.strip_prefix(b".wh.") {
             return self.whiteout(&name, parents, victim);
         }
+        // Validate, then act: nothing is created for an entry of a type we refuse.
+        let Some(class) = Class::of(kind) else {
+            return Err(Error::UnsupportedType {
+                entry: name,
+                kind: format!("{:?} ({:?})", kind, kind.as_byte() as char),
+            });
+        };
         let meta = read_meta(entry, &name)?;
         let parent = self.open_parent(&name, parents, Missing::Create)?;
         let parent = parent.expect("Missing::Create always yields a directory");
@@ -175,20 +182,12 @@ impl Applier {
             base,
             comps: &comps,
         };
-        match kind {
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.regular(&at, entry, &meta)?
-            }
-            EntryType::Directory => self.directory(&at, &meta)?,
-            EntryType::Symlink => symlink(&at, entry, &meta)?,
-            EntryType::Link => self.hardlink(&at, entry)?,
-            EntryType::Char | EntryType::Block | EntryType::Fifo => node(&at, entry, kind, &meta)?,
-            other => {
-                return Err(Error::UnsupportedType {
-                    entry: name,
-                    kind: format!("{:?} ({:?})", other, other.as_byte() as char),
-                });
-            }
+        match class {
+            Class::File => self.regular(&at, entry, &meta)?,
+            Class::Directory => self.directory(&at, &meta)?,
+            Class::Symlink => symlink(&at, entry, &meta)?,
+            Class::Hardlink => self.hardlink(&at, entry)?,
+            Class::Node(file_type) => node(&at, entry, file_type, &meta)?,
         }
         self.record(&comps);
         Ok(())
@@ -428,8 +427,8 @@ impl Applier {
         .map_err(|e| at.io("link", e.into()))
     }
 
-    /// Sets the recorded directories' mtimes, deepest last written first is not needed: setting
-    /// a directory's times does not change its parent's.
+    /// Sets the recorded directories' mtimes, in tar order: setting a directory's times does
+    /// not change its parent's, so no particular order is needed.
     fn set_dir_times(&self) -> Result<()> {
         for (comps, times) in &self.dir_times {
             let entry = String::from_utf8_lossy(&resolve::join(comps)).into_owned();
@@ -453,6 +452,33 @@ impl Applier {
             }
         }
         Ok(())
+    }
+}
+
+/// What an entry creates.
+#[derive(Clone, Copy)]
+enum Class {
+    File,
+    Directory,
+    Symlink,
+    Hardlink,
+    /// A character or block device, or a FIFO.
+    Node(FileType),
+}
+
+impl Class {
+    /// `None` for the types a layer may not hold.
+    fn of(kind: EntryType) -> Option<Class> {
+        Some(match kind {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Class::File,
+            EntryType::Directory => Class::Directory,
+            EntryType::Symlink => Class::Symlink,
+            EntryType::Link => Class::Hardlink,
+            EntryType::Char => Class::Node(FileType::CharacterDevice),
+            EntryType::Block => Class::Node(FileType::BlockDevice),
+            EntryType::Fifo => Class::Node(FileType::Fifo),
+            _ => return None,
+        })
     }
 }
 
@@ -556,7 +582,7 @@ fn symlink<R: Read>(at: &Target<'_>, entry: &tar::Entry<'_, R>, meta: &Meta) -> 
 fn node<R: Read>(
     at: &Target<'_>,
     entry: &tar::Entry<'_, R>,
-    kind: EntryType,
+    file_type: FileType,
     meta: &Meta,
 ) -> Result<()> {
     let header = entry.header();
@@ -564,24 +590,18 @@ fn node<R: Read>(
         entry: at.entry.into(),
         what: what.into(),
     };
-    let (file_type, dev) = match kind {
-        EntryType::Fifo => (FileType::Fifo, 0),
-        _ => {
-            let major = header
-                .device_major()
-                .map_err(|_| invalid("device major number"))?
-                .unwrap_or(0);
-            let minor = header
-                .device_minor()
-                .map_err(|_| invalid("device minor number"))?
-                .unwrap_or(0);
-            let file_type = if kind == EntryType::Char {
-                FileType::CharacterDevice
-            } else {
-                FileType::BlockDevice
-            };
-            (file_type, rustix::fs::makedev(major, minor))
-        }
+    let dev = if file_type == FileType::Fifo {
+        0
+    } else {
+        let major = header
+            .device_major()
+            .map_err(|_| invalid("device major number"))?
+            .unwrap_or(0);
+        let minor = header
+            .device_minor()
+            .map_err(|_| invalid("device minor number"))?
+            .unwrap_or(0);
+        rustix::fs::makedev(major, minor)
     };
     at.clear(false)?;
     rustix::fs::mknodat(

@@ -522,10 +522,12 @@ fn unsupported_entry_types_are_refused() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut l = Layer::new(T1);
-    l.raw(EntryType::new(b'V'), "volume", "", b"");
+    l.raw(EntryType::new(b'V'), "sub/volume", "", b"");
     let err = apply(tmp.path(), &l.finish()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
-    assert!(err.to_string().contains("volume"), "{err}");
+    assert!(err.to_string().contains("sub/volume"), "{err}");
+    // Refused before its parent was created.
+    assert!(!tmp.path().join("sub").exists());
 }
 
 /// A root and, beside it, a canary directory that no layer may touch.
