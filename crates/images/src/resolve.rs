@@ -62,7 +62,8 @@ pub(crate) fn os(comp: &[u8]) -> &OsStr {
 pub(crate) enum Missing {
     /// Create it (mode 0755, as containerd does for parents the layer does not list).
     Create,
-    /// Stop and answer `None`.
+    /// Stop and answer `None`, also when a component is not a directory (nothing can be
+    /// below it). A symlink is still an error.
     Stop,
 }
 
@@ -127,7 +128,12 @@ pub(crate) fn open_dir(
                 })?;
                 dir
             }
-            Err(errno) => return Err(classify(&cur, name, index, errno)),
+            Err(errno) => {
+                return match classify(&cur, name, index, errno) {
+                    WalkError::NotDir { .. } if missing == Missing::Stop => Ok(None),
+                    e => Err(e),
+                };
+            }
         };
     }
     Ok(Some(cur))

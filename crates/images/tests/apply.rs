@@ -287,6 +287,7 @@ fn layer2() -> Vec<u8> {
         .whiteout("etc/.wh.dir")
         .whiteout("etc/.wh.nothing-there")
         .whiteout("nowhere/.wh.x")
+        .whiteout("etc/hosts/.wh.x")
         .symlink("etc/hosts", "hosts.real")
         .file("etc/hosts.real", 0o644, b"10.0.0.1 box")
         // Added by this layer, then whited out by it: the whiteout hides lower layers only.
@@ -338,9 +339,9 @@ fn three_layers_give_the_exact_tree() {
     assert_eq!(
         s2,
         ApplyStats {
-            entries: 20,
+            entries: 21,
             bytes: 12 + 10 + 3 + 4 + 1 + 8 + 17,
-            whiteouts: 7
+            whiteouts: 8
         }
     );
     let s3 = apply(root, &layer3()).unwrap();
