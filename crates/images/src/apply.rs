@@ -163,6 +163,15 @@ impl Applier {
         let Some((base, parents)) = comps.split_last() else {
             return self.root_entry(entry, &name, kind);
         };
+        // `.wh..wh.*` names other than the opaque marker are reserved (OCI image spec; AUFS
+        // kept its metadata there): neither whiteouts nor content.
+        if comps
+            .iter()
+            .any(|c| c.starts_with(b".wh..wh.") && c != b".wh..wh..opq")
+        {
+            tracing::debug!(entry = name, "reserved .wh..wh. entry skipped");
+            return Ok(());
+        }
         if let Some(victim) = base.strip_prefix(b".wh.") {
             return self.whiteout(&name, parents, victim);
         }

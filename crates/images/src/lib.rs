@@ -14,6 +14,13 @@
 //! that do not follow it either. A refused layer returns [`Error`] naming the entry; the tree may
 //! be half-applied (the caller discards the snapshot), but nothing beyond it has changed.
 //!
+//! This is stricter than containerd, which resolves a parent symlink *inside* the root
+//! (`lib -> usr/lib`, then `lib/x`): we refuse it. Layers made by diffing snapshots (docker,
+//! buildkit, containerd) record real paths, so they never need it. Also refused: PAX sparse
+//! files (`GNU.sparse.*`, which the `tar` crate cannot expand), paths deeper than 1024
+//! components. Skipped: reserved `.wh..wh.*` names (AUFS metadata) and xattrs outside `user.*`,
+//! `trusted.*` and `security.capability`.
+//!
 //! ```no_run
 //! let layer = std::fs::File::open("layer.tar")?;
 //! let stats = thinpool_images::apply_layer(std::path::Path::new("/mnt/snap"), layer)?;

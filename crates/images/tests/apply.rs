@@ -802,13 +802,16 @@ fn gnu_sparse_files_and_long_names_from_gnu_tar() {
 }
 
 #[test]
-fn old_style_directories_and_xattr_namespaces() {
+fn old_style_directories_reserved_names_and_xattr_namespaces() {
     if !is_root() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut l = Layer::new(T1);
     l.raw(EntryType::Regular, "olddir/", "", b"");
+    l.dir(".wh..wh.plnk/", 0o700)
+        .file(".wh..wh.plnk/123", 0o644, b"aufs")
+        .whiteout("olddir/.wh..wh.aufs");
     l.xattrs(&[
         ("user.ok", b"1"),
         ("system.nope", b"2"),
@@ -816,8 +819,10 @@ fn old_style_directories_and_xattr_namespaces() {
     ])
     .file("olddir/f", 0o644, b"f");
     let stats = apply(tmp.path(), &l.finish()).unwrap();
-    assert_eq!(stats.entries, 2);
+    assert_eq!(stats.entries, 5);
+    assert_eq!(stats.whiteouts, 0);
     let got = describe(tmp.path(), false);
+    assert!(!got.contains("wh."), "{got}");
     assert!(got.contains("olddir d 0644 0:0\n"), "{got}");
     assert!(
         got.contains(&format!(
