@@ -164,6 +164,57 @@ fn umoci_unpack_many_layers() {
     );
 }
 
+/// thinpool's own layer applier (`thinpool_images::apply_layer`, the engine of `image load`)
+/// gives umoci's tree for the rich image (gzip and plain layers) and for twelve layers that
+/// delete each other's files.
+#[test]
+fn thinpool_applier_equals_umoci_unpack() {
+    let (Some(rich), Some(many)) = (
+        images::rich(RICH),
+        images::many_layers("example.test/thinpool/many:v1", 12),
+    ) else {
+        return;
+    };
+    if !require_tool("umoci") {
+        return;
+    }
+    let tmp = scratch();
+    let cases = [
+        ("rich-gzip", rich.clone().compression(Compression::Gzip)),
+        ("rich-plain", rich.compression(Compression::None)),
+        ("many", many),
+    ];
+    for (name, img) in cases {
+        let base = tmp.path().join(name);
+        let layout = base.join("layout");
+        img.write_oci_layout(&layout);
+        let rootfs = tree::reference_unpack(&layout, img.tag(), &base.join("bundle"))
+            .expect("umoci was found above");
+        let ours = base.join("thinpool");
+        std::fs::create_dir_all(&ours).unwrap();
+        for (i, l) in img.layers.iter().enumerate() {
+            let bytes = match img.compression {
+                Compression::None => l.tar(),
+                Compression::Gzip => l.tar_gz(),
+            };
+            let stats = thinpool_images::apply_layer(&ours, bytes.as_slice())
+                .unwrap_or_else(|e| panic!("{name}: layer {}: {e}", i + 1));
+            assert_eq!(
+                stats.entries,
+                l.entries.len() as u64,
+                "{name}: layer {}",
+                i + 1
+            );
+        }
+        Tree::assert_same(
+            "umoci unpack",
+            &Tree::scan(&rootfs),
+            "thinpool_images::apply_layer",
+            &Tree::scan(&ours),
+        );
+    }
+}
+
 /// The tree scan and diff see what they should: equal trees give nothing, each kind of change
 /// gives a line naming the path.
 #[test]
