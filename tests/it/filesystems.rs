@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use thinpool_tests::daemon::{Up, fuse_usable, is_mounted};
-use thinpool_tests::{require_tools, run, run_ok, test_seed, text, tool};
+use thinpool_tests::daemon::{Up, fuse_usable, is_mounted, loop_devices};
+use thinpool_tests::{require_tools, run_ok, test_seed, text, tool};
 
 const MIB: u64 = 1 << 20;
 
@@ -39,7 +39,7 @@ impl Drop for Cleanup {
                 let _ = Command::new("umount").args(["-l", dir]).status();
             }
         }
-        for (dev, file) in loops() {
+        for (dev, file) in loop_devices() {
             if file.starts_with(&self.files) {
                 let _ = Command::new("losetup").arg("-d").arg(dev).status();
             }
@@ -78,18 +78,6 @@ fn folder(up: &Up, name: &str) -> PathBuf {
     let d = up.dir.path().join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Attached loop devices and their files (`losetup -l`).
-fn loops() -> Vec<(String, PathBuf)> {
-    let out = run(Command::new("losetup").args(["-l", "-n", "-O", "NAME,BACK-FILE"]));
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            Some((w.next()?.to_string(), PathBuf::from(w.next()?)))
-        })
-        .collect()
 }
 
 /// What is mounted on `dir`: (source, fstype).
@@ -398,9 +386,11 @@ fn mounted_filesystem_life(fstype: &str) {
     up.ok(&["umount", "snap"]);
     assert!(mounted(&dir).is_none() && mounted(&snap_dir).is_none());
     assert!(
-        loops().iter().all(|(_, f)| !f.starts_with(up.files())),
+        loop_devices()
+            .iter()
+            .all(|(_, f)| !f.starts_with(up.files())),
         "{:?}",
-        loops()
+        loop_devices()
     );
     assert!(up.volume("fs").get("loop_device").is_none());
     fsck_clean(&up, "fs", fstype);
@@ -588,7 +578,11 @@ fn graceful_stop_waits_for_a_busy_mount_and_up_mounts_again() {
     let st = up.wait_exit("once the busy mount was free");
     assert!(st.success(), "{st}:\n{}", up.log_text());
     assert!(mounted(&dir).is_none());
-    assert!(loops().iter().all(|(_, f)| !f.starts_with(up.files())));
+    assert!(
+        loop_devices()
+            .iter()
+            .all(|(_, f)| !f.starts_with(up.files()))
+    );
     // Offline (no daemon, no files): the volume exported and checked.
     let img = up.dir.path().join("v.img");
     up.ok(&["vol", "export", "v", img.to_str().unwrap()]);
@@ -617,7 +611,7 @@ fn state(up: &Up) -> String {
         .join("\n");
     s += &format!(
         "{:?}",
-        loops()
+        loop_devices()
             .iter()
             .filter(|(_, f)| f.starts_with(up.files()))
             .collect::<Vec<_>>()

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thinpool_tests::containerd::{Containerd, THINPOOL_SNAPSHOTTER as TP};
-use thinpool_tests::daemon::{Up, fuse_usable};
+use thinpool_tests::daemon::{Up, fuse_usable, loop_devices};
 use thinpool_tests::images;
 use thinpool_tests::tree::{self, Tree};
 use thinpool_tests::{require_tools, scratch, text};
@@ -44,7 +44,7 @@ struct LoopCleanup(PathBuf);
 impl Drop for LoopCleanup {
     fn drop(&mut self) {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for (dev, file) in loops() {
+        for (dev, file) in loop_devices() {
             if file.starts_with(&self.0) {
                 for dir in mounts
                     .lines()
@@ -57,20 +57,6 @@ impl Drop for LoopCleanup {
             }
         }
     }
-}
-
-/// `(device, backing file)` of every loop device.
-fn loops() -> Vec<(String, PathBuf)> {
-    let Ok(rd) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let file = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            Some((format!("/dev/{name}"), PathBuf::from(file.trim())))
-        })
-        .collect()
 }
 
 fn usable() -> bool {

@@ -312,21 +312,19 @@ impl Containerd {
     /// metadata).
     pub fn wait_snapshotter(&self, snapshotter: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let probe = |args: &[&str]| {
-            let mut a = vec!["snapshots", "--snapshotter", snapshotter];
-            a.extend_from_slice(args);
-            self.ctr(&a)
+        let probe = |verb| {
+            [
+                "snapshots",
+                "--snapshotter",
+                snapshotter,
+                verb,
+                "wait-probe",
+            ]
         };
         loop {
-            let out = probe(&["prepare", "wait-probe"]);
+            let out = self.ctr(&probe("prepare"));
             if out.status.success() {
-                self.ctr_ok(&[
-                    "snapshots",
-                    "--snapshotter",
-                    snapshotter,
-                    "rm",
-                    "wait-probe",
-                ]);
+                self.ctr_ok(&probe("rm"));
                 return;
             }
             assert!(

@@ -238,3 +238,15 @@ pub fn fuse_usable() -> bool {
     }
     true
 }
+
+/// Attached loop devices and their backing files, as `losetup -l` lists them.
+pub fn loop_devices() -> Vec<(String, PathBuf)> {
+    let out = run(Command::new("losetup").args(["-l", "-n", "-O", "NAME,BACK-FILE"]));
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_string(), PathBuf::from(w.next()?)))
+        })
+        .collect()
+}

@@ -691,7 +691,6 @@ fn detach_unmounted_loops(files: &Path, keep: &[PathBuf]) {
     }
 }
 
-/// The loop device over `file`, if any.
 /// What containerd mounts for a snapshot on `device`: ext4, read-only for a view.
 fn ext4_mount(device: PathBuf, read_only: bool) -> Vec<Mount> {
     vec![Mount {
@@ -705,6 +704,7 @@ fn ext4_mount(device: PathBuf, read_only: bool) -> Vec<Mount> {
     }]
 }
 
+/// The loop device over `file`, if any.
 fn loop_of(file: &Path) -> Option<PathBuf> {
     loopdev::list()
         .into_iter()
@@ -747,12 +747,12 @@ fn record_of(v: &VolumeInfo) -> Option<Snapshot> {
     })
 }
 
-/// The catalog labels that record `s`.
 /// containerd stores no label whose value is empty (`labels.K` updated to "" deletes K).
 fn kept(labels: Labels) -> Labels {
     labels.into_iter().filter(|(_, v)| !v.is_empty()).collect()
 }
 
+/// The catalog labels that record `s`.
 fn record_labels(s: &Snapshot) -> Labels {
     let mut l = Labels::new();
     l.insert(KEY.into(), s.key.clone());
