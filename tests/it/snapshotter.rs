@@ -13,7 +13,7 @@
 //! failure under `CI=true`).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -117,26 +117,6 @@ fn store_key_of(list: &[Value], key: &str) -> Option<Value> {
                 .is_some_and(|k| k.ends_with(&format!("/{key}")))
         })
         .cloned()
-}
-
-/// Mount the snapshot `key` on `dir` with the command `ctr snapshots mounts` prints.
-fn mount_key(ctd: &Containerd, key: &str, dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let printed = ctd.ctr_ok(&[
-        "snapshots",
-        "--snapshotter",
-        TP,
-        "mounts",
-        dir.to_str().unwrap(),
-        key,
-    ]);
-    let mut words: Vec<&str> = printed.split_whitespace().collect();
-    assert_eq!(words.first(), Some(&"mount"), "{printed}");
-    if words.last() == Some(&"-o") {
-        words.pop();
-    }
-    let out = thinpool_tests::run(Command::new("mount").args(&words[1..]));
-    assert!(out.status.success(), "{printed}: {}", text(&out.stderr));
 }
 
 /// Import, inspect, mount, run, commit, remove and collect, with the data returned to the pool
@@ -265,7 +245,8 @@ fn containerd_imports_runs_commits_and_collects_on_thin_snapshots() {
         &rich.chain_id(),
     ]);
     let w = tmp.path().join("w");
-    mount_key(ctd, "work", &w);
+    std::fs::create_dir_all(&w).unwrap();
+    ctd.mount_snapshot(TP, "work", &w);
     std::fs::write(w.join("added"), b"committed content\n").unwrap();
     assert!(Command::new("umount").arg(&w).status().unwrap().success());
     ctd.ctr_ok(&[

@@ -385,6 +385,20 @@ impl Containerd {
             key,
             parent,
         ]);
+        let commands = self.mount_snapshot(snapshotter, key, target);
+        MountedSnapshot {
+            ctd: self,
+            snapshotter: snapshotter.to_string(),
+            key: key.to_string(),
+            target: target.to_path_buf(),
+            commands,
+        }
+    }
+
+    /// Mount the existing snapshot `key` at `target` (a folder) with the commands
+    /// `ctr snapshots --snapshotter S mounts TARGET KEY` prints (`mount -t TYPE SOURCE TARGET
+    /// -o OPTIONS`, run as they are: split on spaces, no shell); returns them, split.
+    pub fn mount_snapshot(&self, snapshotter: &str, key: &str, target: &Path) -> Vec<Vec<String>> {
         let target_s = target.to_string_lossy();
         let printed = self.ctr_ok(&[
             "snapshots",
@@ -394,13 +408,7 @@ impl Containerd {
             &target_s,
             key,
         ]);
-        let mut m = MountedSnapshot {
-            ctd: self,
-            snapshotter: snapshotter.to_string(),
-            key: key.to_string(),
-            target: target.to_path_buf(),
-            commands: Vec::new(),
-        };
+        let mut commands = Vec::new();
         for line in printed.lines().filter(|l| !l.trim().is_empty()) {
             let mut words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
             assert_eq!(
@@ -421,13 +429,13 @@ impl Containerd {
                 text(&out.stderr),
                 self.log_tail(40)
             );
-            m.commands.push(words);
+            commands.push(words);
         }
         assert!(
-            !m.commands.is_empty(),
+            !commands.is_empty(),
             "`ctr snapshots mounts` printed no mount command for {key}"
         );
-        m
+        commands
     }
 
     /// Run the garbage collector now: create a lease and delete it with `--sync` (containerd
