@@ -31,7 +31,10 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod archive;
+mod diff;
 mod error;
+mod export;
 mod resolve;
 
 pub use apply::{ApplyStats, apply_layer};
