@@ -38,4 +38,8 @@ mod export;
 mod resolve;
 
 pub use apply::{ApplyStats, apply_layer};
+pub use archive::{
+    Archive, ArchiveError, ArchiveImage, ArchiveLayer, LayerDigests, LayerStream, SaveImage,
+    SaveLayer, write_archive,
+};
 pub use error::{Error, ErrorKind, Result};
