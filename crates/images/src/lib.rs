@@ -42,4 +42,6 @@ pub use archive::{
     Archive, ArchiveError, ArchiveImage, ArchiveLayer, LayerDigests, LayerStream, SaveImage,
     SaveLayer, write_archive,
 };
+pub use diff::{DiffStats, diff_layer};
 pub use error::{Error, ErrorKind, Result};
+pub use export::{ExportStats, export_tree};
