@@ -1145,6 +1145,14 @@ impl Archive {
         if let Some(docker) = &docker {
             loader.docker_images(docker, &mut images)?;
         }
+        if images.is_empty() {
+            let file = if index.is_some() {
+                "index.json"
+            } else {
+                "manifest.json"
+            };
+            return Err(loader.invalid(file, "lists no images"));
+        }
         tracing::debug!(archive = %name, images = images.len(), "image archive opened");
         Ok(Archive {
             name,

@@ -197,9 +197,9 @@ fn add_layer(oci_dir: &Path, blob: &[u8], media_type: &str, diff_id: &str) {
         .as_array_mut()
         .unwrap()
         .push(json!(diff_id));
-    config["history"]
-        .as_array_mut()
-        .map(|h| h.push(json!({"created_by": "test: add_layer"})));
+    if let Some(history) = config["history"].as_array_mut() {
+        history.push(json!({"created_by": "test: add_layer"}));
+    }
     let config = serde_json::to_vec(&config).unwrap();
     let layer_digest = write_blob(oci_dir, blob);
     manifest["config"]["digest"] = json!(write_blob(oci_dir, &config));
@@ -550,6 +550,18 @@ fn written_archives_are_read_by_skopeo_and_by_us() {
         let (c, l) = skopeo_inspect(&reference);
         assert_eq!(&c, config, "{reference}: config digest");
         assert_eq!(l, layers, "{reference}: layers");
+    }
+
+    // One image with one name: skopeo needs no reference to pick it, in either form.
+    let single = dir.path().join("single.tar");
+    write_archive(fs::File::create(&single).unwrap(), &images[1..]).unwrap();
+    for form in ["docker-archive", "oci-archive"] {
+        let (c, l) = skopeo_inspect(&format!("{form}:{}", single.display()));
+        assert_eq!(
+            (&c, &l[..]),
+            (&base_config, &f.diff_ids[..2]),
+            "{form} without a reference"
+        );
     }
 
     let back = Archive::open(&ours).unwrap();
@@ -976,5 +988,123 @@ fn malformed_archives_are_refused_with_names() {
             }
         ),
         "{err:?}"
+    );
+}
+
+/// Rebuild a tar with every name prefixed `./` and `manifest.json` rewritten by `edit`.
+fn retar(bytes: &[u8], edit: impl Fn(&mut Value)) -> Vec<u8> {
+    let mut out = tar::Builder::new(Vec::new());
+    let mut a = tar::Archive::new(bytes);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut h = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        if name == "manifest.json" {
+            let mut v: Value = serde_json::from_slice(&data).unwrap();
+            edit(&mut v);
+            data = serde_json::to_vec(&v).unwrap();
+            h.set_size(data.len() as u64);
+        }
+        // Written raw: the tar crate's set_path would drop the `./`.
+        let path = format!("./{name}");
+        let raw = &mut h.as_old_mut().name;
+        raw.fill(0);
+        raw[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        out.append(&h, data.as_slice()).unwrap();
+    }
+    out.into_inner().unwrap()
+}
+
+#[test]
+fn docker_legacy_layer_links_and_dot_names() {
+    let Some(f) = fixture() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let docker = fs::read(&f.docker_tar).unwrap();
+    // skopeo writes `<v1 id>/layer.tar -> ../<diff_id hex>.tar`; older docker's manifest.json
+    // names the `<v1 id>/layer.tar`: point it there, so every layer is reached through a link.
+    let mut link_of = std::collections::HashMap::new();
+    for e in tar::Archive::new(docker.as_slice()).entries().unwrap() {
+        let e = e.unwrap();
+        if e.header().entry_type().is_symlink() {
+            let target = e
+                .link_name()
+                .unwrap()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            link_of.insert(target.trim_start_matches("../").to_string(), name);
+        }
+    }
+    let legacy = retar(&docker, |m| {
+        for layer in m[0]["Layers"].as_array_mut().unwrap() {
+            let link = link_of[layer.as_str().unwrap()].clone();
+            *layer = json!(link);
+        }
+    });
+    let names = tar_names(&legacy);
+    assert!(names.iter().all(|n| n.starts_with("./")), "{names:?}");
+    let archive = open_bytes(dir.path(), "legacy.tar", &legacy).unwrap();
+    check_same_image("docker archive through links", &archive, f, &[NAME]);
+
+    // A link whose target is absent is a missing blob, named.
+    let dangling = retar(&docker, |m| m[0]["Layers"][1] = json!("nowhere/layer.tar"));
+    let err = open_bytes(dir.path(), "dangling.tar", &dangling).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::MissingBlob { .. })
+            && err.to_string().contains("nowhere/layer.tar"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nested_index_keeps_the_present_platform() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = handmade(3);
+    let top: Value = serde_json::from_slice(&files[1].1).unwrap();
+    let mut manifest_desc = top["manifests"][0].clone();
+    manifest_desc.as_object_mut().unwrap().remove("annotations");
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    manifest_desc["platform"] = json!({"architecture": arch, "os": "linux"});
+    // Another platform whose manifest was not exported, and an attestation (platform unknown).
+    let absent = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": sha256(b"not exported"), "size": 12, "platform": {"architecture": "s390x", "os": "linux"}});
+    let attestation = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": sha256(b"attestation"), "size": 11, "platform": {"architecture": "unknown", "os": "unknown"}});
+    let nested = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [absent, manifest_desc, attestation],
+    }))
+    .unwrap();
+    let index = json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256(&nested), "size": nested.len(),
+        "annotations": {"io.containerd.image.name": "example.test/thinpool/multi:v1",
+                        "org.opencontainers.image.ref.name": "v1"}}]});
+    files[1].1 = serde_json::to_vec(&index).unwrap();
+    files.push((format!("blobs/sha256/{}", hex_of(&sha256(&nested))), nested));
+    let archive = open_bytes(dir.path(), "multi.tar", &tar_of(&files)).unwrap();
+    assert_eq!(archive.images().len(), 1);
+    assert_eq!(
+        archive.images()[0].names,
+        ["example.test/thinpool/multi:v1"]
+    );
+    check_layers(&archive);
+
+    // An index listing nothing is no image archive either.
+    let empty = vec![(
+        "index.json".to_string(),
+        br#"{"schemaVersion":2,"manifests":[]}"#.to_vec(),
+    )];
+    let err = open_bytes(dir.path(), "empty.tar", &tar_of(&empty)).unwrap_err();
+    assert!(
+        err.to_string().contains("index.json: lists no images"),
+        "{err}"
     );
 }
