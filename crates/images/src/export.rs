@@ -66,7 +66,8 @@ pub struct ExportStats {
 
 /// Writes the whole tree under `root` to `out` as a tar stream (`docker export`).
 ///
-/// The format is described in the module documentation; `out` receives the complete archive,
+/// The format is described in the module documentation (an empty top-level `lost+found` is
+/// skipped, sockets too); `out` receives the complete archive,
 /// end-of-archive blocks included, and is not flushed or closed. O(entries + stored bytes), one
 /// file's 64 KiB buffer in memory at a time (plus the paths of multiply-linked inodes).
 /// Needs read access to everything below `root` (root privileges for other users' files and
@@ -706,17 +707,22 @@ mod tests {
     fn pax_records_count_their_own_length() {
         let mut out = Vec::new();
         pax_record(&mut out, b"path", b"a");
-        assert_eq!(out, b"10 path=a\n");
+        assert_eq!(out, b"9 path=a\n");
         let mut out = Vec::new();
-        // 3 + 4 + 3 = 10 without the length; "12" makes 12.
+        // 10 bytes without the length, whose 2 digits make 12.
         pax_record(&mut out, b"path", b"abc");
         assert_eq!(out, b"12 path=abc\n");
         let mut out = Vec::new();
         let value = vec![b'x'; 92];
-        // rest = 99: "101" → 102? 99 + 3 = 102.
+        // 99 bytes without the length, whose 3 digits make 102.
         pax_record(&mut out, b"path", &value);
         assert_eq!(out.len(), 102);
         assert!(out.starts_with(b"102 path="));
+        // 98 bytes: "100" would make 101, so the length is 101.
+        let mut out = Vec::new();
+        pax_record(&mut out, b"path", &value[..91]);
+        assert_eq!(out.len(), 101);
+        assert!(out.starts_with(b"101 path="));
     }
 
     #[test]

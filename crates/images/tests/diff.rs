@@ -120,7 +120,9 @@ fn diff_applied_onto_lower_gives_upper() {
     if !is_root() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = scratch() else {
+        return;
+    };
     let lower = tmp.path().join("lower");
     fs::create_dir(&lower).unwrap();
     build_lower(&lower);
@@ -227,7 +229,9 @@ fn unchanged_tree_gives_an_empty_layer() {
     if !is_root() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = scratch() else {
+        return;
+    };
     let lower = tmp.path().join("lower");
     fs::create_dir(&lower).unwrap();
     build_lower(&lower);
@@ -265,7 +269,9 @@ fn changed_sparse_file_stays_sparse() {
     if !is_root() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(tmp) = scratch() else {
+        return;
+    };
     let lower = tmp.path().join("lower");
     fs::create_dir(&lower).unwrap();
     build_lower(&lower);

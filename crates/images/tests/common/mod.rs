@@ -23,6 +23,26 @@ pub fn is_root() -> bool {
     false
 }
 
+/// A scratch directory (under `TMPDIR`) whose file system keeps `user.*` and `trusted.*`
+/// xattrs and sparse files, or `None` after a loud skip (a failure under CI). We run as root
+/// when this is called.
+pub fn scratch() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    fs::write(&probe, b"").unwrap();
+    for name in ["user.probe", "trusted.probe"] {
+        if let Err(e) = rustix::fs::lsetxattr(&probe, name, b"1", XattrFlags::empty()) {
+            thinpool_testkit::skip_or_fail(&format!(
+                "{name} xattrs not supported in {:?} ({e}); set TMPDIR to an ext4 directory",
+                dir.path()
+            ));
+            return None;
+        }
+    }
+    fs::remove_file(&probe).unwrap();
+    Some(dir)
+}
+
 /// Sets the mtime (and atime) of `path` without following a symlink.
 pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     let t = Timespec {
@@ -103,7 +123,10 @@ pub struct TarEntry {
     pub path: String,
     pub kind: tar::EntryType,
     pub link: Option<String>,
+    /// The apparent size (a sparse file's realsize).
     pub size: u64,
+    /// The bytes stored in the archive for it (a sparse file's data regions).
+    pub stored: u64,
 }
 
 /// The entries of a tar (PAX headers resolved by the `tar` crate).
@@ -119,6 +142,7 @@ pub fn tar_entries(tar_bytes: &[u8]) -> Vec<TarEntry> {
                 .link_name_bytes()
                 .map(|l| String::from_utf8_lossy(&l).into_owned()),
             size: entry.size(),
+            stored: entry.header().entry_size().unwrap(),
         });
     }
     out
