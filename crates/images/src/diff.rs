@@ -26,8 +26,9 @@
 //!   are hardlink entries to the first one written. When the first path of an inode is
 //!   unchanged (so not written) and a new path of it is, the new path is written as a full file:
 //!   a layer then never links to an entry it does not hold, at the price of the applied tree
-//!   having two inodes with equal content where upper has one (Docker's choice too). Sockets
-//!   are skipped in both trees.
+//!   having two inodes with equal content where upper has one. Unchanged paths are never
+//!   written, so an unchanged later path of a written inode keeps its lower inode too. Sockets
+//!   are skipped in both trees (a socket replacing an object deletes it).
 //!
 //! Entries are written in the format of [`crate::export`] (PAX records, old GNU sparse files)
 //! by the same writer.
