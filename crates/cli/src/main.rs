@@ -6,6 +6,7 @@
 mod check;
 mod client;
 mod docs;
+mod image;
 mod info;
 mod meta;
 mod mount;
@@ -84,6 +85,23 @@ enum Command {
     /// ROOT/containerd-snapshotter.sock): ls, info, tree, usage, rm. Needs the daemon.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Images without containerd: load (docker save / OCI archives), ls, rm, save, prune.
+    /// Without a daemon, the command serves the pool itself while it runs.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Containers of images: create (any size), ls, rm, mount, umount, resize (online, with
+    /// the filesystem), commit (a new image), export (a flattened tar).
+    #[command(subcommand)]
+    Container(image::ContainerCommand),
+    /// Make a one-layer image of a tar of a filesystem (`container export`'s, `docker
+    /// export`'s; plain, gzip or zstd; `-`: stdin). Its snapshot is sized to fit the content
+    /// before a byte is unpacked.
+    Import {
+        /// The tar, or `-`.
+        file: PathBuf,
+        /// The image's name (`name:tag`).
+        image: String,
+    },
     /// Serve volumes over NBD (qemu, nbdcopy, fio, nbd-client).
     #[command(subcommand)]
     Nbd(nbd::NbdCommand),
@@ -145,6 +163,9 @@ fn main() {
         Command::Mount(a) => mount::mount(&root, a),
         Command::Umount { target } => mount::umount(&root, &target),
         Command::Snapshot(cmd) => snapshot::run(&root, cmd),
+        Command::Image(cmd) => image::run_image(&root, cmd),
+        Command::Container(cmd) => image::run_container(&root, cmd),
+        Command::Import { file, image } => image::run_import(&root, &file, &image),
         Command::Up(a) => up::run(&root, *a),
     };
     match code {

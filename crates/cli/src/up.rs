@@ -111,6 +111,19 @@ fn load(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
 
+/// The base size `ROOT/thinpool.toml` sets, if it exists and sets one (for a daemon a
+/// command starts for itself).
+pub fn configured_base_size(root: &Path) -> Result<Option<u64>> {
+    let file = root.join("thinpool.toml");
+    if !file.exists() {
+        return Ok(None);
+    }
+    load(&file)?
+        .base_size
+        .map(|s| s.bytes("base_size", &file))
+        .transpose()
+}
+
 pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
     let default_file = root.join("thinpool.toml");
     let file = match &a.config {

@@ -148,7 +148,7 @@ pub enum NewSize {
     GrowBy(u64),
 }
 
-fn parse_new_size(s: &str) -> Result<NewSize, String> {
+pub(crate) fn parse_new_size(s: &str) -> Result<NewSize, String> {
     match s.trim().strip_prefix('+') {
         Some(rest) => parse_size(rest).map(NewSize::GrowBy),
         None => parse_size(s).map(NewSize::To),

@@ -16,8 +16,8 @@ use crate::proto::{
     write_frame,
 };
 use crate::types::{
-    Attachment, CommittedMetadata, DataMoved, LayerSnapshot, LayerUsage, PoolStatus, Resized,
-    VolumeInfo,
+    Attachment, CommittedMetadata, DataMoved, LayerMount, LayerSnapshot, LayerUsage, PoolStatus,
+    Resized, VolumeInfo,
 };
 
 /// Errors of the control client. A daemon's own refusal ([`Error::Daemon`]) shows the daemon's
@@ -336,6 +336,51 @@ impl Client {
     pub fn remove_snapshot(&mut self, key: &str) -> Result<()> {
         self.call(&Request::SnapshotRemove { key: key.into() })
             .map(drop)
+    }
+
+    /// A new layer-store snapshot of `parent` (`""`: of the base device), writable or a
+    /// read-only `view`, and its mounts.
+    pub fn prepare_snapshot(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        view: bool,
+    ) -> Result<Vec<LayerMount>> {
+        self.call_as(&Request::SnapshotPrepare {
+            key: key.into(),
+            parent: parent.into(),
+            labels,
+            view,
+        })
+    }
+
+    /// The mounts of an active snapshot or view.
+    pub fn snapshot_mounts(&mut self, key: &str) -> Result<Vec<LayerMount>> {
+        self.call_as(&Request::SnapshotMounts { key: key.into() })
+    }
+
+    /// Commit the active snapshot `key` as `name`.
+    pub fn commit_snapshot(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.call(&Request::SnapshotCommit {
+            name: name.into(),
+            key: key.into(),
+            labels,
+        })
+        .map(drop)
+    }
+
+    /// Grow an active snapshot or view with its filesystem.
+    pub fn resize_snapshot(&mut self, key: &str, size: u64) -> Result<LayerSnapshot> {
+        self.call_as(&Request::SnapshotResize {
+            key: key.into(),
+            size,
+        })
     }
 
     /// Grow the pool's devices (`None`: take the device's current size).

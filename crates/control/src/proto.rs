@@ -1,6 +1,7 @@
 //! The messages of the control protocol and their framing: one JSON object per line
 //! (newline-delimited JSON), a request answered by exactly one response, in order.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read as _, Write};
 use std::path::{Path, PathBuf};
 
@@ -119,6 +120,48 @@ pub enum Request {
         /// containerd's key or name.
         key: String,
     },
+    /// A new layer-store snapshot of the committed `parent` (`""`: of the base device),
+    /// writable or a read-only view, its loop device attached; answered with its
+    /// [`LayerMount`](crate::LayerMount)s. A `containerd.io/snapshot/thinpool.size` label makes
+    /// it that big (its filesystem grown with it).
+    SnapshotPrepare {
+        /// The new snapshot's key.
+        key: String,
+        /// The committed parent, or `""`.
+        #[serde(default)]
+        parent: String,
+        /// Its labels.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        /// A read-only view instead of a writable snapshot.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        view: bool,
+    },
+    /// The mounts of an active snapshot or view (its loop device attached if it is not);
+    /// answered with [`LayerMount`](crate::LayerMount)s.
+    SnapshotMounts {
+        /// Its key.
+        key: String,
+    },
+    /// Commit the active snapshot `key` as `name` (refused while mounted); answered with
+    /// `null`.
+    SnapshotCommit {
+        /// The committed snapshot's name.
+        name: String,
+        /// The active snapshot.
+        key: String,
+        /// The committed snapshot's labels.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    /// Grow an active snapshot or view and its ext4 (online where mounted); answered with
+    /// its [`LayerSnapshot`](crate::LayerSnapshot).
+    SnapshotResize {
+        /// Its key.
+        key: String,
+        /// New size in bytes.
+        size: u64,
+    },
     /// Unmount a volume (named, or by its mount point, absolute) and detach its loop device;
     /// answered with the [`Attachment`](crate::Attachment) undone.
     Umount {
@@ -175,6 +218,10 @@ impl Request {
             Request::SnapshotList => "snapshot_list",
             Request::SnapshotUsage => "snapshot_usage",
             Request::SnapshotRemove { .. } => "snapshot_remove",
+            Request::SnapshotPrepare { .. } => "snapshot_prepare",
+            Request::SnapshotMounts { .. } => "snapshot_mounts",
+            Request::SnapshotCommit { .. } => "snapshot_commit",
+            Request::SnapshotResize { .. } => "snapshot_resize",
         }
     }
 }
@@ -333,6 +380,22 @@ mod tests {
             Request::SnapshotUsage,
             Request::SnapshotRemove {
                 key: "sha256:abc".into(),
+            },
+            Request::SnapshotPrepare {
+                key: "c".into(),
+                parent: "sha256:abc".into(),
+                labels: [("a".to_string(), "b".to_string())].into(),
+                view: true,
+            },
+            Request::SnapshotMounts { key: "c".into() },
+            Request::SnapshotCommit {
+                name: "n".into(),
+                key: "c".into(),
+                labels: BTreeMap::new(),
+            },
+            Request::SnapshotResize {
+                key: "c".into(),
+                size: 1 << 30,
             },
             Request::Mount {
                 name: "a".into(),

@@ -237,6 +237,18 @@ pub struct LayerSnapshot {
     pub size: u64,
 }
 
+/// How to mount a layer-store snapshot: `mount -t FSTYPE -o OPTIONS SOURCE DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerMount {
+    /// Filesystem type (`ext4`).
+    #[serde(rename = "type")]
+    pub fstype: String,
+    /// The loop device.
+    pub source: PathBuf,
+    /// Mount options (`ro` for a view).
+    pub options: Vec<String>,
+}
+
 /// The space a layer-store snapshot uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerUsage {

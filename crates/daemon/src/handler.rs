@@ -112,6 +112,15 @@ pub(crate) fn handle(
         Request::SnapshotList => answer(layers.list()),
         Request::SnapshotUsage => answer(layers.usage()),
         Request::SnapshotRemove { key } => answer(layers.remove(&key)),
+        Request::SnapshotPrepare {
+            key,
+            parent,
+            labels,
+            view,
+        } => answer(layers.prepare(&key, &parent, labels, view)),
+        Request::SnapshotMounts { key } => answer(layers.mounts(&key)),
+        Request::SnapshotCommit { name, key, labels } => answer(layers.commit(&name, &key, labels)),
+        Request::SnapshotResize { key, size } => answer(layers.resize(&key, size)),
         Request::PoolGrow {
             data_size,
             metadata_size,

@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use thinpool_control::{ErrorKind, LayerSnapshot, LayerUsage};
-use thinpool_layers::{LayerStore, Snapshot};
+use thinpool_control::{ErrorKind, LayerMount, LayerSnapshot, LayerUsage};
+use thinpool_layers::{LayerStore, Mount, Snapshot};
 
 use crate::mounts::Refusal;
 
@@ -85,6 +85,56 @@ impl Layers {
     /// Remove a snapshot.
     pub fn remove(&self, key: &str) -> Result<(), Refusal> {
         Ok(self.get()?.remove(key)?)
+    }
+
+    /// A new snapshot (or view) of `parent`, and its mounts.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: thinpool_engine::Labels,
+        view: bool,
+    ) -> Result<Vec<LayerMount>, Refusal> {
+        let store = self.get()?;
+        let mounts = if view {
+            store.view(key, parent, labels)?
+        } else {
+            store.prepare(key, parent, labels)?
+        };
+        Ok(mounts.iter().map(mount_to_protocol).collect())
+    }
+
+    /// The mounts of an active snapshot or view.
+    pub fn mounts(&self, key: &str) -> Result<Vec<LayerMount>, Refusal> {
+        Ok(self
+            .get()?
+            .mounts(key)?
+            .iter()
+            .map(mount_to_protocol)
+            .collect())
+    }
+
+    /// Commit `key` as `name`.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: thinpool_engine::Labels,
+    ) -> Result<(), Refusal> {
+        Ok(self.get()?.commit(name, key, labels)?)
+    }
+
+    /// Grow `key` with its filesystem.
+    pub fn resize(&self, key: &str, size: u64) -> Result<LayerSnapshot, Refusal> {
+        Ok(to_protocol(&self.get()?.resize(key, size)?))
+    }
+}
+
+fn mount_to_protocol(m: &Mount) -> LayerMount {
+    LayerMount {
+        fstype: m.fstype.clone(),
+        source: m.source.clone(),
+        options: m.options.clone(),
     }
 }
 

@@ -621,7 +621,7 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
-fn sha256_digest(bytes: &[u8]) -> String {
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(bytes)))
 }
 
@@ -685,25 +685,28 @@ fn read_magic(r: &mut impl Read) -> io::Result<Vec<u8>> {
     Ok(magic)
 }
 
+/// `r`, decompressed when its first bytes say gzip or zstd.
+pub(crate) fn decompressed<'a>(mut r: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+    let magic = read_magic(&mut r)?;
+    let whole = io::Cursor::new(magic.clone()).chain(r);
+    Ok(match Compression::sniff(&magic) {
+        Compression::Plain => Box::new(BufReader::with_capacity(1 << 20, whole)),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(whole)),
+        Compression::Zstd => Box::new(zstd::Decoder::new(whole)?),
+    })
+}
+
 /// Copy `r` — decompressed when its first bytes say gzip or zstd — into an unnamed file in `dir`.
-fn spool(mut r: impl Read, dir: &Path, name: &str) -> Result<File, ArchiveError> {
+fn spool(r: impl Read, dir: &Path, name: &str) -> Result<File, ArchiveError> {
     let io_err = |op, source| ArchiveError::Io {
         op,
         path: name.to_string(),
         source,
     };
-    let magic = read_magic(&mut r).map_err(|e| io_err("read", e))?;
-    let whole = io::Cursor::new(magic.clone()).chain(r);
+    let mut r = decompressed(r).map_err(|e| io_err("read", e))?;
     let mut file = tempfile::tempfile_in(dir)
         .map_err(|e| io_err("create a spool file in the folder of", e))?;
-    let copied = match Compression::sniff(&magic) {
-        Compression::Plain => io::copy(&mut BufReader::with_capacity(1 << 20, whole), &mut file),
-        Compression::Gzip => io::copy(&mut flate2::read::MultiGzDecoder::new(whole), &mut file),
-        Compression::Zstd => {
-            zstd::Decoder::new(whole).and_then(|mut d| io::copy(&mut d, &mut file))
-        }
-    };
-    copied.map_err(|e| io_err("spool", e))?;
+    io::copy(&mut r, &mut file).map_err(|e| io_err("spool", e))?;
     // The tar is indexed from the start of the file.
     file.rewind()
         .map_err(|e| io_err("rewind the spool of", e))?;
@@ -1051,7 +1054,7 @@ fn merge(images: &mut Vec<ArchiveImage>, image: ArchiveImage) {
 }
 
 /// The host's architecture in GOARCH spelling, as OCI platforms write it.
-fn host_arch() -> &'static str {
+pub(crate) fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

@@ -36,6 +36,7 @@ mod diff;
 mod error;
 mod export;
 mod resolve;
+mod store;
 
 pub use apply::{ApplyStats, apply_layer};
 pub use archive::{
@@ -45,3 +46,8 @@ pub use archive::{
 pub use diff::{DiffStats, diff_layer};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportStats, export_tree};
+pub use store::{
+    CONTAINER_PREFIX, Container, Image, ImageStore, ImageSummary, LAYER_PREFIX, Labels, Loaded,
+    Progress, Pruned, Quiet, SIZE_LABEL, SnapshotError, SnapshotInfo, Snapshots, StoreError,
+    chain_ids, needed_size, normalize_name, rfc3339, short,
+};

@@ -471,6 +471,55 @@ impl LayerStore {
         Ok(())
     }
 
+    /// Grow the active snapshot or view `key` to `size` bytes with its ext4: online
+    /// (`resize2fs` on its loop device) where it is mounted, offline (`e2fsck -f`, `resize2fs`)
+    /// where not. The seeds' `dmsetup table/load/resume` + `resize2fs` as one step. Shrinking is
+    /// refused, as is a committed snapshot (its children hold its filesystem).
+    pub fn resize(&self, key: &str, size: u64) -> Result<Snapshot> {
+        let files = self.files()?.to_path_buf();
+        let mut st = self.lock();
+        let mut s = get(&st, key)?.clone();
+        if s.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is committed: only an active snapshot or a view can be resized"
+            )));
+        }
+        if size < s.size {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {key}: {size} bytes is smaller than its {} bytes: filesystems in the layer store only grow",
+                s.size
+            )));
+        }
+        if size == s.size {
+            return Ok(s);
+        }
+        let file = files.join(&s.volume);
+        let device = loop_of(&file);
+        let mounted = match &device {
+            Some(d) => mount::mounts()?
+                .into_iter()
+                .find(|m| Path::new(&m.source) == d.as_path())
+                .map(|m| m.dir),
+            None => None,
+        };
+        self.pool.resize_volume(&s.volume, size)?;
+        if let (Some(device), Some(dir)) = (&device, &mounted) {
+            loopdev::refresh(device)?;
+            filesystem::grow(FsType::Ext4, device, dir)?;
+        } else {
+            filesystem::resize_offline(FsType::Ext4, &file, size)?;
+            if let Some(device) = &device {
+                loopdev::refresh(device)?;
+            }
+        }
+        self.pool.commit()?;
+        s.size = self.pool.volume_info(&s.volume)?.size;
+        s.updated = SystemTime::now();
+        st.snapshots.insert(key.to_string(), s.clone());
+        tracing::info!(key, size, volume = s.volume, "snapshot resized");
+        Ok(s)
+    }
+
     /// Change the labels of `key`: `fieldpaths` empty or `labels` replaces them all,
     /// `labels.K` sets (or, absent from `labels`, deletes) one. Other fields cannot change.
     pub fn update(&self, key: &str, labels: Labels, fieldpaths: &[String]) -> Result<Snapshot> {
