@@ -142,7 +142,12 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // rustls warns about every client that sends an IP address as its TLS server name
         // (qemu does): not worth a line per connection.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rustls=error")));
+        // fuser warns of every ioctl it does not implement (mkfs and mount send some): noise
+        // for a command that serves the pool only while it runs.
+        .unwrap_or_else(|_| {
+            let fuser = if serving { "" } else { ",fuser=error" };
+            tracing_subscriber::EnvFilter::new(format!("{level},rustls=error{fuser}"))
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
