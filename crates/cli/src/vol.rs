@@ -421,27 +421,10 @@ fn render_info(d: &VolumeDetail) -> String {
     ])
 }
 
-/// Seconds since the epoch as an RFC 3339 UTC time, `2024-02-29T13:05:09Z` (proleptic
-/// Gregorian calendar, counting days in 400-year eras of 146 097 days).
+/// Seconds since the epoch as an RFC 3339 UTC time, `2024-02-29T13:05:09Z` (the image store's,
+/// humantime's formatting).
 pub(crate) fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).expect("u64 / 86400 fits in i64");
-    let rem = secs % 86_400;
-    // Days since 0000-03-01: years then run March to February, so a leap day ends its year.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097; // day of the era, 0..=146_096
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the March-based year
-    let mp = (5 * doy + 2) / 153; // March-based month, 0..=11
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    thinpool_images::rfc3339(secs)
 }
 
 /// `vol ls` for people: one aligned row per volume; a LOOP and a MOUNT column when a volume is

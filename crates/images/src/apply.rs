@@ -48,16 +48,7 @@ pub struct ApplyStats {
 /// device nodes and `trusted.*` xattrs. On error the tree may be partly changed — discard it —
 /// but nothing outside `root` has been created, changed or removed.
 pub fn apply_layer(root: &Path, layer: impl Read) -> Result<ApplyStats> {
-    let root_fd = rustix::fs::openat(
-        rustix::fs::CWD,
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|errno| Error::Root {
-        path: root.to_path_buf(),
-        source: errno.into(),
-    })?;
+    let root_fd = crate::export::open_root(root)?;
     let mut reader = BufReader::with_capacity(1 << 16, layer);
     let gzip = reader
         .fill_buf()
