@@ -3,6 +3,11 @@
 //!
 //! - `oracle`: the `thinpool meta` toolbox against thin-provisioning-tools 0.9.0, on the committed
 //!   vectors and on random pools (seed printed; `THINPOOL_TEST_SEED`, `THINPOOL_TEST_CASES`).
+//! - `image_store`: `thinpool image|container|import` as a user runs them, with and without a
+//!   daemon: trees equal to umoci's, save accepted by skopeo and containerd, commit, export →
+//!   import of a grown container into another pool, 100 containers' blocks.
+//! - `image_bad`: bad archives and layers (truncated, wrong digests, path traversal, full pool):
+//!   refused, nothing written outside, nothing left half-loaded.
 //! - `kernel`: pools exchanged with the Linux kernel's dm-thin, booted in a VM.
 //! - `kernel_api`: the kernel reads a pool written through thinpool-thin's writable API.
 //! - `kernel_grow`: the kernel grows a volume and makes a device of its own; nothing is trimmed.
@@ -50,6 +55,8 @@ mod filesystems;
 mod fuse;
 mod host_shutdown;
 mod hostfull;
+mod image_bad;
+mod image_store;
 mod images;
 mod kernel;
 mod kernel_api;
