@@ -13,13 +13,12 @@
 //! failure under `CI=true`).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thinpool_tests::containerd::{Containerd, THINPOOL_SNAPSHOTTER as TP};
-use thinpool_tests::daemon::{Up, fuse_usable, loop_devices};
+use thinpool_tests::daemon::{LoopCleanup, Up, fuse_usable};
 use thinpool_tests::images;
 use thinpool_tests::tree::{self, Tree};
 use thinpool_tests::{require_tools, scratch, text};
@@ -37,27 +36,6 @@ const UP: [&str; 6] = [
     "--base-size",
     "256M",
 ];
-
-/// Detaches, when dropped, the loop devices over the export's files that a failed test leaves.
-struct LoopCleanup(PathBuf);
-
-impl Drop for LoopCleanup {
-    fn drop(&mut self) {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for (dev, file) in loop_devices() {
-            if file.starts_with(&self.0) {
-                for dir in mounts
-                    .lines()
-                    .filter(|l| l.split(' ').next() == Some(dev.as_str()))
-                    .filter_map(|l| l.split(' ').nth(1))
-                {
-                    let _ = Command::new("umount").args(["-l", dir]).status();
-                }
-                let _ = Command::new("losetup").args(["-d", &dev]).status();
-            }
-        }
-    }
-}
 
 fn usable() -> bool {
     fuse_usable() && require_tools(&["losetup", "mount", "containerd", "ctr", "runc"])

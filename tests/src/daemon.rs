@@ -217,6 +217,28 @@ impl Drop for Up {
     }
 }
 
+/// Detaches, when dropped, the loop devices over files below its folder (the FUSE export's,
+/// `Up::files`) that a failed test leaves, unmounting what stands on them first.
+pub struct LoopCleanup(pub PathBuf);
+
+impl Drop for LoopCleanup {
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for (dev, file) in loop_devices() {
+            if file.starts_with(&self.0) {
+                for dir in mounts
+                    .lines()
+                    .filter(|l| l.split(' ').next() == Some(dev.as_str()))
+                    .filter_map(|l| l.split(' ').nth(1))
+                {
+                    let _ = Command::new("umount").args(["-l", dir]).status();
+                }
+                let _ = Command::new("losetup").args(["-d", &dev]).status();
+            }
+        }
+    }
+}
+
 /// Whether something is mounted on `p` (as `/proc/self/mounts` spells it).
 pub fn is_mounted(p: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
