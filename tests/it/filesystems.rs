@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use thinpool_tests::daemon::{Up, fuse_usable, is_mounted, loop_devices};
+use thinpool_tests::daemon::{Up, fuse_usable, is_mounted, loop_devices, may_grow_ext4_online};
 use thinpool_tests::{require_tools, run_ok, test_seed, text, tool};
 
 const MIB: u64 = 1 << 20;
@@ -167,18 +167,6 @@ fn df_size(dir: &Path) -> u64 {
 fn blockdev(arg: &str, dev: &str) -> u64 {
     let out = run_ok(Command::new("blockdev").arg(arg).arg(dev));
     text(&out.stdout).trim().parse().unwrap()
-}
-
-/// Whether this process may grow a mounted ext4 (the kernel wants CAP_SYS_RESOURCE, which
-/// some containers drop).
-fn may_grow_ext4_online() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    eff & (1 << 24) != 0
 }
 
 /// A writer in `dir`: `count` files of 256 KiB, each fsynced, in the background.

@@ -261,6 +261,18 @@ pub fn fuse_usable() -> bool {
     true
 }
 
+/// Whether this process may grow a mounted ext4 (the kernel wants CAP_SYS_RESOURCE, which
+/// some containers drop).
+pub fn may_grow_ext4_online() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    eff & (1 << 24) != 0
+}
+
 /// Attached loop devices and their backing files, as `losetup -l` lists them.
 pub fn loop_devices() -> Vec<(String, PathBuf)> {
     let out = run(Command::new("losetup").args(["-l", "-n", "-O", "NAME,BACK-FILE"]));

@@ -96,6 +96,12 @@ impl Tree {
     /// Record every entry below `root` (not following symlinks; `lost+found` at the top left out).
     /// Panics with the path on any I/O error.
     pub fn scan(root: &Path) -> Tree {
+        Tree::scan_without(root, &[])
+    }
+
+    /// [`Tree::scan`], leaving out the top-level entries named in `skip` too (and what they
+    /// hold): files too big to hash whole, compared by other means.
+    pub fn scan_without(root: &Path, skip: &[&str]) -> Tree {
         let mut raw: Vec<(String, std::fs::Metadata)> = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
@@ -105,7 +111,9 @@ impl Tree {
             for ent in rd {
                 let ent = ent.unwrap_or_else(|e| panic!("read folder {}: {e}", dir.display()));
                 let name = ent.file_name();
-                if rel.as_os_str().is_empty() && name == "lost+found" {
+                if rel.as_os_str().is_empty()
+                    && (name == "lost+found" || skip.iter().any(|s| name == *s))
+                {
                     continue;
                 }
                 let child = rel.join(&name);

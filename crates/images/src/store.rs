@@ -991,7 +991,7 @@ impl<S: Snapshots> ImageStore<S> {
         let c = self.container(name)?;
         self.snaps
             .resize(&c.snapshot, size)
-            .map_err(snap_err(format!("resizing container {name}")))
+            .map_err(snap_err(format!("container {name}")))
     }
 
     /// Run `f` on the container's tree: where it is mounted, or mounted here for the call.

@@ -40,7 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -206,6 +206,9 @@ struct State {
     snapshots: BTreeMap<String, Snapshot>,
     /// The next `layer-N`.
     next: u64,
+    /// Active snapshots whose ext4 is smaller than their volume: grown while mounted, the
+    /// kernel refused to grow the filesystem. It is grown offline before the next mount.
+    unfilled: BTreeSet<String>,
 }
 
 impl LayerStore {
@@ -254,7 +257,11 @@ impl LayerStore {
         Ok(LayerStore {
             pool,
             opts,
-            state: Mutex::new(State { snapshots, next }),
+            state: Mutex::new(State {
+                snapshots,
+                next,
+                unfilled: BTreeSet::new(),
+            }),
         })
     }
 
@@ -379,10 +386,11 @@ impl LayerStore {
     }
 
     /// The mounts of an active snapshot or a view: ext4 on its loop device (attached now if it
-    /// is not).
+    /// is not). A filesystem the kernel refused to grow while mounted ([`LayerStore::resize`])
+    /// is grown offline here first, when nothing has it mounted.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let files = self.files()?.to_path_buf();
-        let st = self.lock();
+        let mut st = self.lock();
         let s = get(&st, key)?;
         if s.kind == Kind::Committed {
             return Err(Error::FailedPrecondition(format!(
@@ -395,6 +403,16 @@ impl LayerStore {
             Some(d) => d,
             None => loopdev::attach(&file, read_only)?,
         };
+        if st.unfilled.contains(key) && !is_mounted(&device) {
+            let size = s.size;
+            filesystem::resize_offline(FsType::Ext4, &device, size)?;
+            st.unfilled.remove(key);
+            tracing::info!(
+                key,
+                size,
+                "filesystem grown to fill its volume before a mount"
+            );
+        }
         Ok(ext4_mount(device, read_only))
     }
 
@@ -467,6 +485,7 @@ impl LayerStore {
             }
         }
         st.snapshots.remove(key);
+        st.unfilled.remove(key);
         tracing::info!(key, volume = s.volume, "snapshot removed");
         Ok(())
     }
@@ -474,7 +493,10 @@ impl LayerStore {
     /// Grow the active snapshot or view `key` to `size` bytes with its ext4: online
     /// (`resize2fs` on its loop device) where it is mounted, offline (`e2fsck -f`, `resize2fs`)
     /// where not. The seeds' `dmsetup table/load/resume` + `resize2fs` as one step. Shrinking is
-    /// refused, as is a committed snapshot (its children hold its filesystem).
+    /// refused, as is a committed snapshot (its children hold its filesystem). When the kernel
+    /// refuses to grow the mounted ext4 (no CAP_SYS_RESOURCE), the volume keeps its new size,
+    /// the error says so, and the filesystem is grown offline before its next mount (or by a
+    /// resize to the same size while unmounted).
     pub fn resize(&self, key: &str, size: u64) -> Result<Snapshot> {
         let files = self.files()?.to_path_buf();
         let mut st = self.lock();
@@ -490,9 +512,6 @@ impl LayerStore {
                 s.size
             )));
         }
-        if size == s.size {
-            return Ok(s);
-        }
         let file = files.join(&s.volume);
         let device = loop_of(&file);
         let mounted = match &device {
@@ -502,10 +521,32 @@ impl LayerStore {
                 .map(|m| m.dir),
             None => None,
         };
+        if size == s.size {
+            if mounted.is_none() && st.unfilled.contains(key) {
+                filesystem::resize_offline(FsType::Ext4, device.as_ref().unwrap_or(&file), size)?;
+                st.unfilled.remove(key);
+            }
+            return Ok(s);
+        }
         self.pool.resize_volume(&s.volume, size)?;
+        // A mounted filesystem the kernel refuses to grow: the volume keeps its new size (the
+        // filesystem fills it when next mounted, see `fill_device`); the caller hears why.
+        let mut refused = None;
         if let (Some(device), Some(dir)) = (&device, &mounted) {
             loopdev::refresh(device)?;
-            filesystem::grow(FsType::Ext4, device, dir)?;
+            if let Err(e) = filesystem::grow(FsType::Ext4, device, dir) {
+                let why = match e.to_string().contains("Permission denied") {
+                    true => format!(
+                        "{e}: online ext4 growth needs CAP_SYS_RESOURCE, which this daemon does not have (a container without it?)"
+                    ),
+                    false => e.to_string(),
+                };
+                refused = Some(format!(
+                    "snapshot {key}: its volume is now {size} bytes, but growing the ext4 mounted on {} failed ({why}); it grows to fill the volume when next mounted (unmount, then mount)",
+                    dir.display(),
+                ));
+                st.unfilled.insert(key.to_string());
+            }
         } else {
             filesystem::resize_offline(FsType::Ext4, &file, size)?;
             if let Some(device) = &device {
@@ -516,6 +557,10 @@ impl LayerStore {
         s.size = self.pool.volume_info(&s.volume)?.size;
         s.updated = SystemTime::now();
         st.snapshots.insert(key.to_string(), s.clone());
+        if let Some(why) = refused {
+            tracing::warn!(key, size, volume = s.volume, "{why}");
+            return Err(Error::FailedPrecondition(why));
+        }
         tracing::info!(key, size, volume = s.volume, "snapshot resized");
         Ok(s)
     }
