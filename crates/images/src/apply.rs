@@ -11,7 +11,9 @@
 //!    symlinks, whatever is in the way removed (an existing directory is kept when the entry is a
 //!    directory), and is created and given owner, mode, xattrs and mtime — in that order, since
 //!    `chown` clears setuid/setgid bits and file capabilities;
-//! 4. directories' mtimes are set last, once nothing more is written below them.
+//! 4. directories' mtimes are set last, once nothing more is written below them;
+//! 5. the root's file system is synced (`syncfs`), so that a write-back error — a full pool
+//!    under a snapshot — fails the layer instead of being lost in the page cache.
 //!
 //! The paths this layer created (and their ancestors) are remembered so whiteouts and opaque
 //! markers only ever hide lower layers' content, as the OCI image spec requires.
@@ -70,6 +72,15 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<ApplyStats> {
         applier.run(reader)?;
     }
     applier.set_dir_times()?;
+    // What was written may still sit in the page cache, and a write-back error (the pool full
+    // under a snapshot's loop device, an I/O error) shows only here: it must fail the layer,
+    // not be lost with it.
+    rustix::fs::syncfs(&applier.root).map_err(|errno| Error::Io {
+        entry: "(all entries, written back)".into(),
+        op: "syncfs",
+        path: PathBuf::from("."),
+        source: errno.into(),
+    })?;
     let stats = applier.stats;
     tracing::debug!(
         root = %root.display(),

@@ -232,7 +232,10 @@ pub enum ArchiveError {
         found: &'static str,
     },
     /// A layer read back hashes to something else than the archive says.
-    #[error("image {image} layer {layer}: {which} mismatch: expected {expected}, found {actual}")]
+    #[error(
+        "image {image} layer {n} (1 = the bottom): {which} mismatch: expected {expected}, found {actual}",
+        n = .layer + 1
+    )]
     LayerDigest {
         /// The image.
         image: String,
