@@ -44,8 +44,10 @@
 
 mod handler;
 mod layers;
+mod lockholder;
 mod metrics;
 mod mounts;
+mod nbdstop;
 mod server;
 mod signals;
 mod snapshotter;
@@ -130,6 +132,35 @@ pub enum Error {
         /// How many other `Arc<Pool>` are alive.
         holders: usize,
     },
+    /// The pool's lock stayed held by another process (not a daemon) for as long as the
+    /// daemon waited.
+    #[error(
+        "the pool at {} is in use: its lock is held by {holder} (waited {secs} s); try again \
+         when it is done",
+        root.display()
+    )]
+    LockHeld {
+        /// The pool root.
+        root: PathBuf,
+        /// Who holds it ("thinpool vol ls (pid 123)").
+        holder: String,
+        /// How long the daemon waited.
+        secs: u64,
+    },
+    /// The NBD server did not stop in time (its socket file was removed or replaced, and so
+    /// was the daemon's second name for it): the pool was committed, but the server still
+    /// holds it until the process exits.
+    #[error(
+        "the NBD server did not stop within {secs} s (its socket file was removed or replaced): \
+         the pool at {} is committed and is let go when this process exits",
+        root.display()
+    )]
+    NbdDidNotStop {
+        /// The pool root.
+        root: PathBuf,
+        /// How long the daemon waited.
+        secs: u64,
+    },
     /// The NBD server could not start.
     #[error(transparent)]
     Nbd(#[from] thinpool_nbd::Error),
@@ -196,10 +227,69 @@ pub struct DaemonOptions {
     /// Serve containerd's snapshots API (a proxy snapshotter over the layer store) on this
     /// unix socket (mode 0600); usually `ROOT/`[`SNAPSHOTTER_SOCKET`].
     pub snapshotter: Option<PathBuf>,
+    /// How long to wait for the pool's lock when a process that is not a daemon holds it
+    /// (an offline CLI command, which lets go within moments). Zero: refuse at once.
+    pub lock_wait: std::time::Duration,
 }
 
 /// The file name of containerd's snapshotter socket in a pool root.
 pub const SNAPSHOTTER_SOCKET: &str = "containerd-snapshotter.sock";
+
+/// Open the pool, waiting up to `opts.lock_wait` while a process that is not a daemon holds
+/// its lock. Says once whom it waits for; after the wait, the error names the holder.
+fn open_waiting(root: &Path, socket_path: &Path, opts: &DaemonOptions) -> Result<Pool> {
+    let deadline = std::time::Instant::now() + opts.lock_wait;
+    let mut said = false;
+    loop {
+        let e = match Pool::open(root, opts.pool.clone()) {
+            Ok(p) => {
+                if said {
+                    tracing::warn!(root = %root.display(), "got the pool's lock");
+                }
+                return Ok(p);
+            }
+            Err(e) => e,
+        };
+        if e.kind() != thinpool_engine::ErrorKind::Busy {
+            return Err(Error::Pool {
+                what: "opening",
+                root: root.to_path_buf(),
+                source: e,
+            });
+        }
+        if let Ok(Some(c)) = Client::connect_if_running(socket_path) {
+            return Err(Error::AlreadyRunning {
+                root: root.to_path_buf(),
+                pid: c.daemon().pid,
+            });
+        }
+        let holder = lockholder::describe(&root.join("lock"));
+        if std::time::Instant::now() >= deadline {
+            return Err(match holder {
+                Some(holder) if !opts.lock_wait.is_zero() => Error::LockHeld {
+                    root: root.to_path_buf(),
+                    holder,
+                    secs: opts.lock_wait.as_secs(),
+                },
+                _ => Error::Pool {
+                    what: "opening",
+                    root: root.to_path_buf(),
+                    source: e,
+                },
+            });
+        }
+        if !said {
+            said = true;
+            tracing::warn!(
+                "waiting up to {} s for {} holding the lock of the pool at {}",
+                opts.lock_wait.as_secs(),
+                holder.as_deref().unwrap_or("another process"),
+                root.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
 
 /// A running daemon: the open pool and its control server. Dropping it stops it as
 /// [`Daemon::stop`] does, logging errors instead of returning them.
@@ -211,6 +301,10 @@ pub struct Daemon {
     /// `Some` until stopped.
     server: Option<ControlServer>,
     nbd: Option<NbdServer>,
+    /// A second name for the NBD server's unix socket, to wake it on stop (see `nbdstop`).
+    nbd_link: Option<nbdstop::WakeLink>,
+    /// The NBD server did not stop in time and still holds the pool.
+    nbd_stuck: bool,
     fuse: Option<FuseServer>,
     /// What this daemon attached and mounted (and its record, `ROOT/mounts.json`).
     mounts: Arc<Mounts>,
@@ -260,7 +354,7 @@ impl Daemon {
                 source,
             })?;
         }
-        let pool = match Pool::open(root, opts.pool.clone()) {
+        let pool = match open_waiting(root, &socket_path, &opts) {
             Ok(p) => {
                 // Docker's loop files filled /var/lib/docker without a word: say it up front.
                 if let Some(s) = p.host_space_shortfall() {
@@ -273,21 +367,7 @@ impl Daemon {
                 }
                 p
             }
-            Err(e) => {
-                if e.kind() == thinpool_engine::ErrorKind::Busy
-                    && let Ok(Some(c)) = Client::connect_if_running(&socket_path)
-                {
-                    return Err(Error::AlreadyRunning {
-                        root: root.to_path_buf(),
-                        pid: c.daemon().pid,
-                    });
-                }
-                return Err(Error::Pool {
-                    what: "opening",
-                    root: root.to_path_buf(),
-                    source: e,
-                });
-            }
+            Err(e) => return Err(e),
         };
         // We hold the pool's lock, so a daemon answering here would be serving a pool it
         // does not hold: refuse rather than take its socket away.
@@ -334,6 +414,8 @@ impl Daemon {
             pool: Some(pool),
             server: Some(server),
             nbd: None,
+            nbd_link: None,
+            nbd_stuck: false,
             fuse: None,
             mounts,
             layers,
@@ -343,7 +425,9 @@ impl Daemon {
         };
         if let Some(cfg) = &opts.nbd {
             // On failure, dropping the daemon stops the control server and closes the pool.
-            daemon.nbd = Some(NbdServer::start(daemon.pool(), cfg)?);
+            let nbd = NbdServer::start(daemon.pool(), cfg)?;
+            daemon.nbd_link = nbd.unix_socket().and_then(nbdstop::WakeLink::make);
+            daemon.nbd = Some(nbd);
         }
         if let Some(cfg) = &opts.fuse {
             // Filesystems and loop devices a killed daemon left over its dead export go first,
@@ -474,8 +558,10 @@ impl Daemon {
         if let Some(fuse) = self.fuse.take() {
             fuse.stop();
         }
-        if let Some(nbd) = self.nbd.take() {
-            nbd.stop();
+        if let Some(nbd) = self.nbd.take()
+            && !nbdstop::stop(nbd, self.nbd_link.take())
+        {
+            self.nbd_stuck = true;
         }
         if let Some(metrics) = self.metrics.take() {
             metrics.stop();
@@ -493,6 +579,10 @@ impl Daemon {
                 source,
             }),
             Err(shared) => match shared.commit() {
+                Ok(()) if self.nbd_stuck => Err(Error::NbdDidNotStop {
+                    root: self.root.clone(),
+                    secs: nbdstop::NBD_STOP_TIMEOUT.as_secs(),
+                }),
                 Ok(()) => Err(Error::PoolStillShared {
                     root: self.root.clone(),
                     holders: Arc::strong_count(&shared) - 1,
