@@ -183,6 +183,11 @@ impl Snapshots for Remote {
     fn resize(&mut self, key: &str, size: u64) -> Result<u64, SnapshotError> {
         Ok(self.0.resize_snapshot(key, size)?.size)
     }
+
+    fn data_blocks(&mut self) -> Option<(u64, u64)> {
+        let s = self.0.pool_status().ok()?;
+        Some((s.used_data_blocks, s.total_data_blocks))
+    }
 }
 
 fn first_source(

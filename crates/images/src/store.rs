@@ -98,6 +98,11 @@ pub trait Snapshots {
     fn remove(&mut self, key: &str) -> Result<(), SnapshotError>;
     /// Grow an active snapshot with its filesystem (online when mounted); its new size.
     fn resize(&mut self, key: &str, size: u64) -> Result<u64, SnapshotError>;
+    /// The pool's used and total data blocks, where known: a failure under a full pool says
+    /// so.
+    fn data_blocks(&mut self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// What went wrong in the image store.
@@ -117,7 +122,7 @@ pub enum StoreError {
     #[error("{0}")]
     Invalid(String),
     /// The snapshot service failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Snapshot {
         /// What was being done.
         what: String,
@@ -125,7 +130,7 @@ pub enum StoreError {
         source: SnapshotError,
     },
     /// A layer could not be applied.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Apply {
         /// Which layer.
         what: String,
@@ -137,7 +142,7 @@ pub enum StoreError {
     #[error(transparent)]
     Archive(#[from] crate::ArchiveError),
     /// A file of the store, or a mount, failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// The operation.
         what: &'static str,
@@ -146,6 +151,19 @@ pub enum StoreError {
         /// The underlying error.
         #[source]
         source: io::Error,
+    },
+    /// The pool ran out of data space under the work.
+    #[error(
+        "the pool is out of data space ({used} of {total} blocks used): grow it (`thinpool pool grow --data-size SIZE`) and try again"
+    )]
+    PoolFull {
+        /// Used data blocks.
+        used: u64,
+        /// Data blocks.
+        total: u64,
+        /// What failed.
+        #[source]
+        source: Box<StoreError>,
     },
     /// Mounting or unmounting a snapshot failed.
     #[error("{0}")]
@@ -238,6 +256,15 @@ pub struct Container {
     pub created: u64,
     /// The snapshot key.
     pub snapshot: String,
+}
+
+/// What a load made so far for one image: undone when it fails.
+#[derive(Default)]
+struct Made {
+    /// Layer snapshots, bottom first.
+    layers: Vec<String>,
+    /// Blobs renamed into `blobs/sha256`.
+    blobs: Vec<PathBuf>,
 }
 
 /// What `load` did.
@@ -461,13 +488,18 @@ impl<S: Snapshots> ImageStore<S> {
         };
         let mut loaded = Loaded::default();
         for i in 0..archive.images().len() {
-            let mut made: Vec<String> = Vec::new();
+            let mut made = Made::default();
             let r = self.load_image(&archive, i, &mut made, &mut loaded, progress);
             if let Err(e) = r {
-                // Nothing half-loaded: the layers this image brought go again.
-                for name in made.iter().rev() {
+                // Nothing half-loaded: the layers and blobs this image brought go again.
+                for name in made.layers.iter().rev() {
                     if let Err(e2) = self.snaps.remove(name) {
                         tracing::error!(name, "removing a layer of a failed load: {e2}");
+                    }
+                }
+                for blob in &made.blobs {
+                    if let Err(e2) = fs::remove_file(blob) {
+                        tracing::error!(blob = %blob.display(), "removing a blob of a failed load: {e2}");
                     }
                 }
                 return Err(e);
@@ -480,7 +512,7 @@ impl<S: Snapshots> ImageStore<S> {
         &mut self,
         archive: &Archive,
         i: usize,
-        made: &mut Vec<String>,
+        made: &mut Made,
         loaded: &mut Loaded,
         progress: &dyn Progress,
     ) -> Result<()> {
@@ -541,8 +573,18 @@ impl<S: Snapshots> ImageStore<S> {
                 };
                 let stats = stats.and_then(|s| tee.flush(&tmp.0).map(|()| s));
                 progress.end();
-                match stats {
-                    Ok(s) => break (tmp, stream.finish()?, s),
+                // A layer applied whose blob then fails its digest goes again.
+                let done = stats.and_then(|s| match stream.finish() {
+                    Ok(digests) => Ok((digests, s)),
+                    Err(e) => {
+                        if s.is_some() {
+                            self.discard(&name);
+                        }
+                        Err(e.into())
+                    }
+                });
+                match done {
+                    Ok((digests, s)) => break (tmp, digests, s),
                     Err(e) => {
                         let _ = fs::remove_file(&tmp.0);
                         if attempt > 1 || !is_no_space(&e) {
@@ -572,7 +614,7 @@ impl<S: Snapshots> ImageStore<S> {
             match stats {
                 Some(s) => {
                     content.add(s.bytes, s.entries);
-                    made.push(name.clone());
+                    made.layers.push(name.clone());
                     loaded.layers_applied += 1;
                 }
                 None => {
@@ -581,6 +623,7 @@ impl<S: Snapshots> ImageStore<S> {
                 }
             }
             fs::rename(&tmp.0, &blob).map_err(io_err("renaming into", &blob))?;
+            made.blobs.push(blob);
         }
         let config_blob = self.blob_path(&img.config_digest);
         write_atomic(&config_blob, &img.config)?;
@@ -636,6 +679,15 @@ impl<S: Snapshots> ImageStore<S> {
         let stats = match applied {
             Ok(s) => s,
             Err(e) => {
+                // Said before the discard frees the blocks: the pool ran out under the layer.
+                let e = match self.snaps.data_blocks() {
+                    Some((used, total)) if used >= total => StoreError::PoolFull {
+                        used,
+                        total,
+                        source: Box::new(e),
+                    },
+                    _ => e,
+                };
                 self.discard(&key);
                 return Err(e);
             }

@@ -716,7 +716,9 @@ fn flipped_layer_bytes_fail_finish() {
     assert_ne!(actual, expected);
     let msg = err.to_string();
     assert!(
-        msg.contains(expected) && msg.contains(actual.as_str()) && msg.contains("layer 0"),
+        msg.contains(expected)
+            && msg.contains(actual.as_str())
+            && msg.contains("layer 1 (1 = the bottom)"),
         "{msg}"
     );
     // The other layers are fine.
