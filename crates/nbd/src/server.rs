@@ -6,7 +6,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use thinpool_engine::Pool;
 use crate::handshake::{Outcome, negotiate};
 use crate::sock::Sock;
 use crate::tls::Pump;
-use crate::transmit::{Conn, WORKERS};
+use crate::transmit::Conn;
 use crate::{Error, NbdConfig};
 
 /// A client has this long to finish the handshake.
@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     live: Mutex<HashMap<u64, Sock>>,
     /// Connection threads, joined on stop (so no thread holds the pool afterwards).
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Workers running besides the connections' own threads.
+    extra_workers: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -98,6 +100,7 @@ impl NbdServer {
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
+            extra_workers: Arc::new(AtomicUsize::new(0)),
         });
         let mut server = NbdServer {
             shared: shared.clone(),
@@ -243,7 +246,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-/// Run one connection on threads of its own: the handshake, then the workers.
+/// Run one connection on a thread of its own: the handshake, then transmission (which adds
+/// workers as the client keeps requests in flight).
 fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     let Ok(clone) = sock.try_clone() else {
@@ -310,27 +314,14 @@ fn run_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool, id: u64)
         flags = session.flags,
         "client connected"
     );
-    let conn = match Conn::new(sock, session, id) {
+    let conn = match Conn::new(sock, session, id, shared.extra_workers.clone()) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::warn!(conn = id, "cannot set up the connection: {e}");
             return;
         }
     };
-    let mut workers = Vec::with_capacity(WORKERS - 1);
-    for w in 1..WORKERS {
-        let c = conn.clone();
-        match std::thread::Builder::new()
-            .name(format!("nbd-{id}-{w}"))
-            .spawn(move || c.serve())
-        {
-            Ok(h) => workers.push(h),
-            Err(_) => break,
-        }
-    }
     conn.serve();
-    for w in workers {
-        let _ = w.join();
-    }
+    conn.join_workers();
     tracing::info!(conn = id, "client disconnected");
 }

@@ -10,11 +10,19 @@
 //! the parallel workers. While a worker serves such a request, the role is free for the taking
 //! ("inline"): any worker that finishes its own request takes it, so a burst arriving
 //! meanwhile is not left waiting.
+//!
+//! Workers are started on demand: a connection begins with its own thread only, and a reader
+//! that hands the role on with nobody parked to take it starts one more worker, up to
+//! [`WORKERS`]. A client with one request in flight (or an idle one) thus costs one thread
+//! instead of 16; one that pipelines grows its workers in its first few requests and keeps
+//! them until it leaves, so the steady state is the same as with all of them started at once.
+//! [`MAX_EXTRA_WORKERS`] bounds the workers of all connections together.
 
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use thinpool_engine::{ErrorKind, Volume};
 
@@ -24,6 +32,33 @@ use crate::sock::Sock;
 
 /// Requests served at once per connection.
 pub(crate) const WORKERS: usize = 16;
+
+/// Workers started besides the connections' own threads, over all connections at once. Past
+/// it a connection serves with the workers it has. It bounds the threads whatever the
+/// connection limit: each thread takes about four memory maps (stack, signal stack, their
+/// guard pages) of the 65 530 Linux gives a process by default, and a thread that cannot get
+/// its signal stack aborts the process.
+pub(crate) const MAX_EXTRA_WORKERS: usize = 4096;
+
+/// A place among the [`MAX_EXTRA_WORKERS`], given back when its worker ends.
+struct Extra(Arc<AtomicUsize>);
+
+impl Extra {
+    fn take(budget: &Arc<AtomicUsize>) -> Option<Extra> {
+        budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_EXTRA_WORKERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Extra(budget.clone()))
+    }
+}
+
+impl Drop for Extra {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The reader role (see the module docs).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -37,11 +72,24 @@ enum Role {
     Inline,
 }
 
+/// Who reads, and how many workers there are to take turns.
+struct Turn {
+    role: Role,
+    /// Workers waiting for the role.
+    parked: usize,
+    /// Workers started (the connection's own thread included).
+    workers: usize,
+}
+
 /// One connection in transmission.
 pub(crate) struct Conn {
     reader: Mutex<BufReader<Sock>>,
-    role: Mutex<Role>,
+    turn: Mutex<Turn>,
     parked: Condvar,
+    /// The workers started besides the connection's own thread, joined when it ends.
+    started: Mutex<Vec<JoinHandle<()>>>,
+    /// Extra workers running over all connections (see [`MAX_EXTRA_WORKERS`]).
+    extra: Arc<AtomicUsize>,
     writer: Mutex<Sock>,
     /// Set when the client disconnected or broke the protocol: no more requests are read.
     done: AtomicBool,
@@ -51,7 +99,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub fn new(sock: Sock, session: Session, id: u64) -> io::Result<Conn> {
+    pub fn new(sock: Sock, session: Session, id: u64, extra: Arc<AtomicUsize>) -> io::Result<Conn> {
         let writer = sock.try_clone()?;
         let rules = ExportRules {
             size: session.volume.size(),
@@ -61,8 +109,14 @@ impl Conn {
         };
         Ok(Conn {
             reader: Mutex::new(BufReader::with_capacity(64 << 10, sock)),
-            role: Mutex::new(Role::Free),
+            turn: Mutex::new(Turn {
+                role: Role::Free,
+                parked: 0,
+                workers: 1,
+            }),
             parked: Condvar::new(),
+            started: Mutex::new(Vec::new()),
+            extra,
             writer: Mutex::new(writer),
             done: AtomicBool::new(false),
             session,
@@ -83,6 +137,48 @@ impl Conn {
         }
     }
 
+    /// Wait for the workers started for this connection (after [`Conn::serve`] returned on
+    /// the connection's own thread). A worker may start one more while leaving: loop until
+    /// none is left.
+    pub fn join_workers(&self) {
+        loop {
+            let started = match self.started.lock() {
+                Ok(mut s) => std::mem::take(&mut *s),
+                Err(_) => return,
+            };
+            if started.is_empty() {
+                return;
+            }
+            for w in started {
+                let _ = w.join();
+            }
+        }
+    }
+
+    /// Start one more worker (the caller counted it in `Turn::workers` and took its place).
+    fn add_worker(self: &Arc<Self>, n: usize, place: Extra) {
+        let c = self.clone();
+        match std::thread::Builder::new()
+            .name(format!("nbd-{}-{n}", self.id))
+            .spawn(move || {
+                let _place = place;
+                c.serve()
+            }) {
+            Ok(h) => {
+                if let Ok(mut s) = self.started.lock() {
+                    s.push(h);
+                }
+            }
+            Err(e) => {
+                // Fewer requests in parallel, nothing else: the workers there are go on.
+                tracing::debug!(conn = self.id, "cannot start a worker: {e}");
+                if let Ok(mut t) = self.turn.lock() {
+                    t.workers -= 1;
+                }
+            }
+        }
+    }
+
     fn stop(&self) {
         self.finish();
         if let Ok(w) = self.writer.lock() {
@@ -93,24 +189,26 @@ impl Conn {
     /// No more requests will be read: every worker leaves once its request is answered.
     fn finish(&self) {
         self.done.store(true, Ordering::SeqCst);
-        if let Ok(mut role) = self.role.lock() {
-            *role = Role::Free;
+        if let Ok(mut t) = self.turn.lock() {
+            t.role = Role::Free;
         }
         self.parked.notify_all();
     }
 
     /// Read the next request (and a write's payload into `buf`), or `None` when the
     /// connection is over.
-    fn next_request(&self, buf: &mut Vec<u8>) -> Option<Request> {
+    fn next_request(self: &Arc<Self>, buf: &mut Vec<u8>) -> Option<Request> {
         {
-            let mut role = self.role.lock().ok()?;
-            while *role == Role::Reading && !self.done.load(Ordering::SeqCst) {
-                role = self.parked.wait(role).ok()?;
+            let mut t = self.turn.lock().ok()?;
+            while t.role == Role::Reading && !self.done.load(Ordering::SeqCst) {
+                t.parked += 1;
+                t = self.parked.wait(t).ok()?;
+                t.parked -= 1;
             }
             if self.done.load(Ordering::SeqCst) {
                 return None;
             }
-            *role = Role::Reading;
+            t.role = Role::Reading;
         }
         let r = self.read_request(buf);
         if r.is_none() {
@@ -121,13 +219,25 @@ impl Conn {
             let reader = self.reader.lock().ok()?;
             !reader.buffer().is_empty() || reader.get_ref().readable_now()
         };
-        let mut role = self.role.lock().ok()?;
+        let mut t = self.turn.lock().ok()?;
         if more {
-            *role = Role::Free;
-            drop(role);
-            self.parked.notify_one();
+            t.role = Role::Free;
+            let place = if t.parked == 0 && t.workers < WORKERS {
+                Extra::take(&self.extra)
+            } else {
+                None
+            };
+            let start = place.map(|p| {
+                t.workers += 1;
+                (t.workers, p)
+            });
+            drop(t);
+            match start {
+                Some((n, p)) => self.add_worker(n, p),
+                None => self.parked.notify_one(),
+            }
         } else {
-            *role = Role::Inline;
+            t.role = Role::Inline;
         }
         r
     }
