@@ -48,6 +48,14 @@ pub struct ServeArgs {
     /// 127.0.0.1:9464. Loopback only: the endpoint has no authentication.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// NBD connections open at once, over all sockets (default 256). A client past the limit
+    /// is closed as soon as it connects; the others are served on.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Seconds an NBD client has to finish the handshake before it is closed (default 10).
+    /// Connections past the handshake are kept however long they stay idle.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: Option<u64>,
 }
 
 impl ServeArgs {
@@ -58,7 +66,7 @@ impl ServeArgs {
             (None, None) => Some(root.join("nbd.sock")),
             (None, Some(_)) => None,
         };
-        NbdConfig {
+        let mut c = NbdConfig {
             unix_socket,
             tcp: self.listen,
             tls_cert: self.tls_cert,
@@ -66,7 +74,15 @@ impl ServeArgs {
             tls_psk: self.tls_psk,
             read_only: self.read_only,
             snapshots_read_only: self.snapshots_read_only,
+            ..NbdConfig::default()
+        };
+        if let Some(n) = self.max_connections {
+            c.max_connections = n as usize;
         }
+        if let Some(t) = self.handshake_timeout {
+            c.handshake_timeout = std::time::Duration::from_secs(t);
+        }
+        c
     }
 }
 

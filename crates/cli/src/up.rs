@@ -84,6 +84,8 @@ struct FileConfig {
     base_size: Option<Size>,
     snapshotter_socket: Option<PathBuf>,
     snapshotter: Option<bool>,
+    max_connections: Option<u32>,
+    handshake_timeout: Option<u64>,
 }
 
 /// A size in the config file: bytes, or a string with a unit ("100G").
@@ -161,6 +163,8 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
         read_only: s.read_only || fc.read_only.unwrap_or(false),
         snapshots_read_only: s.snapshots_read_only || fc.snapshots_read_only.unwrap_or(false),
         metrics: s.metrics.or(fc.metrics),
+        max_connections: s.max_connections.or(fc.max_connections),
+        handshake_timeout: s.handshake_timeout.or(fc.handshake_timeout),
     };
     let mut opts = DaemonOptions::default();
     opts.pool.error_if_no_space = a.error_if_no_space || fc.error_if_no_space.unwrap_or(false);

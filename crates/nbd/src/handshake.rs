@@ -230,7 +230,7 @@ pub(crate) fn negotiate(
                 send_reply(&mut sock, opt, REP_ACK, &[])?;
                 sock = pump.start(sock)?;
                 // The plaintext end gets the same deadline for the rest of the handshake.
-                sock.set_read_timeout(Some(crate::server::HANDSHAKE_TIMEOUT))?;
+                sock.set_read_timeout(Some(shared.handshake_timeout))?;
                 tls_on = true;
                 // Everything negotiated before TLS is forgotten (the protocol's rule).
                 st.structured = false;

@@ -27,11 +27,19 @@ mod transmit;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use server::NbdServer;
 
+/// Connections served at once unless configured ([`NbdConfig::max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// Time a client has to finish the handshake unless configured
+/// ([`NbdConfig::handshake_timeout`]).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where and how to serve.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NbdConfig {
     /// Unix socket path (created mode 0600; a stale file is replaced).
     pub unix_socket: Option<PathBuf>,
@@ -48,6 +56,33 @@ pub struct NbdConfig {
     pub read_only: bool,
     /// Snapshots read-only (their origins stay writable).
     pub snapshots_read_only: bool,
+    /// Connections open at once, handshaking or established, over both sockets. A client
+    /// past the limit is closed as soon as it is accepted (no thread is started for it) and
+    /// the server goes on serving the others. Each connection has one thread, and up to
+    /// 16 while its client keeps that many requests in flight (4 096 such extra threads at most
+    /// over all connections).
+    pub max_connections: usize,
+    /// A client that has not picked an export by then (`NBD_OPT_GO`/`EXPORT_NAME`) is closed,
+    /// however it trickles bytes. Established connections have no idle limit: NBD clients
+    /// (the kernel's, qemu's) keep a connection open without traffic for as long as the
+    /// device is in use, and the connection limit bounds what they hold.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdConfig {
+    fn default() -> NbdConfig {
+        NbdConfig {
+            unix_socket: None,
+            tcp: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_psk: None,
+            read_only: false,
+            snapshots_read_only: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 /// Errors starting the server.
@@ -74,4 +109,13 @@ pub enum Error {
     /// The configuration is refused.
     #[error("{0}")]
     Config(String),
+    /// A thread of the server itself could not be started.
+    #[error("cannot start the {what} thread")]
+    Thread {
+        /// Which thread.
+        what: String,
+        /// Why (usually out of memory or of the thread limit).
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -1,4 +1,12 @@
 //! Listeners, connection threads and a clean stop.
+//!
+//! Bounded resources: at most `max_connections` connections are open at once (a client past
+//! the limit is closed as soon as it is accepted, before any thread is started for it, and
+//! refusals are logged once per burst); a watchdog thread closes connections that have not
+//! finished the handshake by their deadline; thread creation failures close the connection
+//! they were for. A thread that cannot be created must be turned down here: the Rust runtime
+//! aborts the process when a thread it did create cannot get its signal stack (the memory
+//! map limit, about 16 000 threads, is what about 1 000 connections of 16 threads each met).
 
 use std::collections::HashMap;
 use std::io;
@@ -7,9 +15,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thinpool_engine::Pool;
 
@@ -19,8 +27,17 @@ use crate::tls::Pump;
 use crate::transmit::Conn;
 use crate::{Error, NbdConfig};
 
-/// A client has this long to finish the handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Refusals past the connection limit are reported at most this often.
+const REFUSAL_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections refused since the last report.
+#[derive(Default)]
+struct Refusals {
+    /// Refused and not reported yet.
+    count: u64,
+    /// When the last report was made (`None`: not refusing now).
+    reported: Option<Instant>,
+}
 
 /// State shared by the listeners and connections.
 pub(crate) struct Shared {
@@ -34,6 +51,15 @@ pub(crate) struct Shared {
     live: Mutex<HashMap<u64, Sock>>,
     /// Connection threads, joined on stop (so no thread holds the pool afterwards).
     threads: Mutex<Vec<JoinHandle<()>>>,
+    max_connections: usize,
+    pub handshake_timeout: Duration,
+    /// Connections open (accepted and not yet ended).
+    open: AtomicUsize,
+    refusals: Mutex<Refusals>,
+    /// Handshake deadlines of the connections still handshaking, for the watchdog.
+    deadlines: Mutex<HashMap<u64, Instant>>,
+    /// Wakes the watchdog: a new deadline, or stop.
+    deadline_added: Condvar,
     /// Workers running besides the connections' own threads.
     extra_workers: Arc<AtomicUsize>,
 }
@@ -62,6 +88,16 @@ impl NbdServer {
         if cfg.unix_socket.is_none() && cfg.tcp.is_none() {
             return Err(Error::Config(
                 "give a unix socket, a TCP address or both".into(),
+            ));
+        }
+        if cfg.max_connections == 0 {
+            return Err(Error::Config(
+                "the connection limit must be at least 1".into(),
+            ));
+        }
+        if cfg.handshake_timeout.is_zero() {
+            return Err(Error::Config(
+                "the handshake timeout must be more than 0".into(),
             ));
         }
         let tls = match (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_psk) {
@@ -100,6 +136,12 @@ impl NbdServer {
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
+            max_connections: cfg.max_connections,
+            handshake_timeout: cfg.handshake_timeout,
+            open: AtomicUsize::new(0),
+            refusals: Mutex::new(Refusals::default()),
+            deadlines: Mutex::new(HashMap::new()),
+            deadline_added: Condvar::new(),
             extra_workers: Arc::new(AtomicUsize::new(0)),
         });
         let mut server = NbdServer {
@@ -108,6 +150,10 @@ impl NbdServer {
             tcp: None,
             acceptors: Vec::new(),
         };
+        let sh = shared.clone();
+        server
+            .acceptors
+            .push(spawn("nbd-watchdog", move || watch_handshakes(&sh))?);
         if let Some(path) = &cfg.unix_socket {
             let l = bind_unix(path)?;
             server.unix = Some(path.clone());
@@ -122,7 +168,7 @@ impl NbdServer {
                         Err(e) => accept_failed(&e),
                     }
                 }
-            }));
+            })?);
             tracing::info!("NBD server listening on unix socket {}", path.display());
         }
         if let Some(addr) = cfg.tcp {
@@ -146,7 +192,7 @@ impl NbdServer {
                         Err(e) => accept_failed(&e),
                     }
                 }
-            }));
+            })?);
             tracing::info!(tls = tls_required, "NBD server listening on TCP {local}");
         }
         Ok(server)
@@ -177,6 +223,10 @@ impl NbdServer {
         if self.shared.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Wake the watchdog (taking its lock first, so the wake cannot fall between its check
+        // of `stopping` and its wait).
+        drop(self.shared.deadlines.lock());
+        self.shared.deadline_added.notify_all();
         // Wake the acceptors with a connection of our own.
         if let Some(p) = &self.unix {
             let _ = UnixStream::connect(p);
@@ -215,11 +265,118 @@ impl Drop for NbdServer {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
-        .expect("cannot start a thread")
+        .map_err(|source| Error::Thread {
+            what: name.into(),
+            source,
+        })
+}
+
+/// Close the connections whose handshake deadline passed, until the server stops.
+fn watch_handshakes(shared: &Shared) {
+    let Ok(mut deadlines) = shared.deadlines.lock() else {
+        return;
+    };
+    while !shared.is_stopping() {
+        let now = Instant::now();
+        let late: Vec<u64> = deadlines
+            .iter()
+            .filter(|&(_, &t)| t <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        if !late.is_empty() {
+            for id in &late {
+                deadlines.remove(id);
+            }
+            // Shutting the socket down wakes the connection's thread, which then ends (a TLS
+            // connection's pump sees it too and closes the plaintext end).
+            if let Ok(live) = shared.live.lock() {
+                for id in &late {
+                    if let Some(s) = live.get(id) {
+                        s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+            let secs = shared.handshake_timeout.as_secs_f64();
+            match late.as_slice() {
+                [id] => tracing::warn!(
+                    conn = id,
+                    "handshake not finished within {secs} s: closing the connection"
+                ),
+                _ => tracing::warn!(
+                    connections = late.len(),
+                    "handshakes not finished within {secs} s: closing the connections"
+                ),
+            }
+        }
+        let next = deadlines.values().min().copied();
+        let woken = match next {
+            Some(t) => shared
+                .deadline_added
+                .wait_timeout(deadlines, t.saturating_duration_since(Instant::now()))
+                .ok()
+                .map(|(g, _)| g),
+            None => shared.deadline_added.wait(deadlines).ok(),
+        };
+        match woken {
+            Some(g) => deadlines = g,
+            None => return,
+        }
+    }
+}
+
+/// A connection's place under the limit: given back when the connection ends (or its thread
+/// could not start).
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Shared {
+    /// Take a place for a new connection, or `None` at the limit (the refusal is logged, once
+    /// per burst).
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max_connections;
+        let admitted = self
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        let Ok(mut r) = self.refusals.lock() else {
+            return admitted.then(|| Slot(self.clone()));
+        };
+        if admitted {
+            if r.reported.take().is_some() {
+                tracing::info!(
+                    refused = r.count,
+                    "accepting connections again (below the limit of {max})"
+                );
+                r.count = 0;
+            }
+            return Some(Slot(self.clone()));
+        }
+        r.count += 1;
+        if r.reported
+            .is_none_or(|t| t.elapsed() >= REFUSAL_REPORT_EVERY)
+        {
+            tracing::warn!(
+                refused = r.count,
+                "connection limit reached ({max} open): refusing new connections (reported at \
+                 most every {} s; --max-connections raises the limit)",
+                REFUSAL_REPORT_EVERY.as_secs()
+            );
+            r.count = 0;
+            r.reported = Some(Instant::now());
+        }
+        None
+    }
 }
 
 fn accept_failed(e: &io::Error) {
@@ -247,21 +404,35 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
 }
 
 /// Run one connection on a thread of its own: the handshake, then transmission (which adds
-/// workers as the client keeps requests in flight).
+/// workers as the client keeps requests in flight). Past the connection limit the socket is
+/// closed here, on the acceptor's thread, with no thread started.
 fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
-    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-    let Ok(clone) = sock.try_clone() else {
+    let Some(slot) = shared.admit() else {
+        sock.shutdown(Shutdown::Both);
         return;
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let clone = match sock.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(conn = id, "cannot set up the connection: {e}");
+            return;
+        }
     };
     shared
         .live
         .lock()
         .expect("connection table poisoned")
         .insert(id, clone);
+    if let Ok(mut d) = shared.deadlines.lock() {
+        d.insert(id, Instant::now() + shared.handshake_timeout);
+    }
+    shared.deadline_added.notify_one();
     let sh = shared.clone();
     let r = std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
+            let _slot = slot;
             run_connection(&sh, sock, tls_required, id);
             sh.live
                 .lock()
@@ -274,8 +445,11 @@ fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
             threads.retain(|t| !t.is_finished());
             threads.push(h);
         }
-        Err(_) => {
-            tracing::warn!("cannot start a thread for connection {id}");
+        Err(e) => {
+            tracing::warn!(conn = id, "cannot start a thread for the connection: {e}");
+            if let Ok(mut d) = shared.deadlines.lock() {
+                d.remove(&id);
+            }
             let mut live = shared.live.lock().expect("connection table poisoned");
             if let Some(s) = live.remove(&id) {
                 s.shutdown(Shutdown::Both);
@@ -285,10 +459,31 @@ fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
 }
 
 fn run_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool, id: u64) {
-    let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let (sock, session) = match negotiate(sock, shared, tls_required) {
+    // Each read is bounded too, so the thread ends even if the watchdog could not run.
+    let _ = sock.set_read_timeout(Some(shared.handshake_timeout));
+    let negotiated = negotiate(sock, shared, tls_required);
+    // Still there: the watchdog has not closed the connection (nor said so).
+    let watched = match shared.deadlines.lock() {
+        Ok(mut d) => d.remove(&id).is_some(),
+        Err(_) => false,
+    };
+    let (sock, session) = match negotiated {
         Ok(Outcome::Transmit(s, session)) => (s, session),
         Ok(Outcome::Closed) => return,
+        Err(e)
+            if watched
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+        {
+            tracing::warn!(
+                conn = id,
+                "handshake not finished within {} s: closing the connection",
+                shared.handshake_timeout.as_secs_f64()
+            );
+            return;
+        }
         Err(e) => {
             tracing::debug!(conn = id, "handshake ended: {e}");
             return;
