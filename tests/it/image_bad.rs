@@ -34,46 +34,13 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
-use thinpool_tests::daemon::{Up, fuse_usable, loop_devices};
+use thinpool_tests::daemon::{LAYER_POOL as UP, LoopCleanup, Up, fuse_usable};
 use thinpool_tests::images::{self, Compression, Image, Layer, sha256_digest, sha256_hex};
 use thinpool_tests::{Failures, require_tools, run, run_with_input, text};
-
-/// The pool and the base device of the tests here: small sparse files, a 256 MiB base.
-const UP: [&str; 6] = [
-    "--data-size",
-    "2G",
-    "--metadata-size",
-    "32M",
-    "--base-size",
-    "256M",
-];
-
-/// Detaches, when dropped, the loop devices over the export's files that a failed test leaves
-/// (as in the `snapshotter` tests).
-struct LoopCleanup(PathBuf);
-
-impl Drop for LoopCleanup {
-    fn drop(&mut self) {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for (dev, file) in loop_devices() {
-            if file.starts_with(&self.0) {
-                for dir in mounts
-                    .lines()
-                    .filter(|l| l.split(' ').next() == Some(dev.as_str()))
-                    .filter_map(|l| l.split(' ').nth(1))
-                {
-                    let _ = Command::new("umount").args(["-l", dir]).status();
-                }
-                let _ = Command::new("losetup").args(["-d", &dev]).status();
-            }
-        }
-    }
-}
 
 fn usable() -> bool {
     fuse_usable() && require_tools(&["losetup", "mount", "mkfs.ext4", "thin_check"])

@@ -19,23 +19,12 @@ use std::time::Instant;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::Value;
 use thinpool_tests::containerd::Containerd;
-use thinpool_tests::daemon::{LoopCleanup, Up, fuse_usable, may_grow_ext4_online};
-use thinpool_tests::images::{self, Compression, Image};
+use thinpool_tests::daemon::{
+    LAYER_POOL as UP, LoopCleanup, Up, fuse_usable, may_grow_ext4_online,
+};
+use thinpool_tests::images::{self, BUSYBOX, Compression, Image, RICH};
 use thinpool_tests::tree::{self, Tree};
 use thinpool_tests::{Failures, require_tools, run_ok, text, tool};
-
-const RICH: &str = "example.test/thinpool/rich:latest";
-const BUSYBOX: &str = "example.test/thinpool/busybox:latest";
-
-/// The pool and base device of most tests here: small sparse files, a 256 MiB base.
-const UP: [&str; 6] = [
-    "--data-size",
-    "2G",
-    "--metadata-size",
-    "32M",
-    "--base-size",
-    "256M",
-];
 
 fn usable() -> bool {
     fuse_usable() && require_tools(&["losetup", "mount", "umoci"])

@@ -8,12 +8,9 @@
 use std::path::Path;
 
 use thinpool_tests::containerd::Containerd;
-use thinpool_tests::images::{self, Compression, Image};
+use thinpool_tests::images::{self, BUSYBOX, Compression, Image, RICH};
 use thinpool_tests::tree::{self, Kind, Tree};
 use thinpool_tests::{Failures, require_tool, run_ok, scratch, text, tool};
-
-const RICH: &str = "example.test/thinpool/rich:latest";
-const BUSYBOX: &str = "example.test/thinpool/busybox:latest";
 
 /// Our own apply of `image` into `dir`, scanned.
 fn own_tree(image: &Image, dir: &Path) -> Tree {

@@ -18,24 +18,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thinpool_tests::containerd::{Containerd, THINPOOL_SNAPSHOTTER as TP};
-use thinpool_tests::daemon::{LoopCleanup, Up, fuse_usable};
-use thinpool_tests::images;
+use thinpool_tests::daemon::{LAYER_POOL as UP, LoopCleanup, Up, fuse_usable};
+use thinpool_tests::images::{self, BUSYBOX, RICH};
 use thinpool_tests::tree::{self, Tree};
 use thinpool_tests::{require_tools, scratch, text};
 
-const RICH: &str = "example.test/thinpool/rich:latest";
-const BUSYBOX: &str = "example.test/thinpool/busybox:latest";
 const MANY: &str = "example.test/thinpool/many:latest";
-
-/// The pool and the base device of every test here: small sparse files, a 256 MiB base.
-const UP: [&str; 6] = [
-    "--data-size",
-    "2G",
-    "--metadata-size",
-    "32M",
-    "--base-size",
-    "256M",
-];
 
 fn usable() -> bool {
     fuse_usable() && require_tools(&["losetup", "mount", "containerd", "ctr", "runc"])

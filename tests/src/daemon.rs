@@ -9,6 +9,17 @@ use serde_json::Value;
 
 use crate::{TempDir, run, run_ok, scratch, skip_or_fail, text, thinpool, tool};
 
+/// `thinpool up` flags of the layer-store and image tests: a pool of small sparse files (2 GiB
+/// data, 32 MiB metadata) and a 256 MiB base device.
+pub const LAYER_POOL: [&str; 6] = [
+    "--data-size",
+    "2G",
+    "--metadata-size",
+    "32M",
+    "--base-size",
+    "256M",
+];
+
 /// A root with `thinpool up` running on it; its stderr goes to `log`. Dropping it kills the
 /// daemon (printing its log) and detaches what a killed daemon leaves mounted.
 pub struct Up {

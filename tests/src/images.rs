@@ -95,6 +95,12 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))
 }
 
+/// The name of [`rich`]'s image in the tests.
+pub const RICH: &str = "example.test/thinpool/rich:latest";
+
+/// The name of [`busybox`]'s image in the tests.
+pub const BUSYBOX: &str = "example.test/thinpool/busybox:latest";
+
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
