@@ -1051,3 +1051,98 @@ fn a_pool_on_given_files_links_to_them() {
     );
     assert!(!other.metadata().exists());
 }
+
+/// Issue 15: `pool create --data/--metadata` took whatever path it was given. A FIFO blocked
+/// the command (or took the pool into a pipe), `/dev/null` swallowed the metadata, a folder
+/// failed half-way and left `pool/` behind. Each is now refused before anything is written,
+/// with what it is, and the root is left as it was: a create with good arguments then works.
+#[test]
+fn pool_create_refuses_targets_that_are_not_files_or_block_devices() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let r = Root::empty();
+    let fifo = r.file("fifo");
+    run_ok(tool("mkfifo").arg(&fifo));
+    let folder = r.file("folder");
+    std::fs::create_dir(&folder).unwrap();
+    let null_link = r.file("null-link");
+    std::os::unix::fs::symlink("/dev/null", &null_link).unwrap();
+    let dev_null = PathBuf::from("/dev/null");
+    let cases: [(&str, &Path, &str); 7] = [
+        ("--data", &fifo, "a FIFO"),
+        ("--metadata", &fifo, "a FIFO"),
+        ("--data", &dev_null, "a character device"),
+        ("--metadata", &dev_null, "a character device"),
+        ("--data", &folder, "a directory"),
+        ("--metadata", &folder, "a directory"),
+        ("--data", &null_link, "a character device"),
+    ];
+    for (flag, path, kind) in cases {
+        let args = [
+            "pool",
+            "create",
+            "--data-size",
+            "64M",
+            "--metadata-size",
+            "4M",
+            flag,
+            path_str(path),
+        ];
+        let out = run(&mut r.cmd(&args));
+        expect_failure(&out, &args);
+        let what = flag.trim_start_matches("--");
+        assert_eq!(
+            error_line(&text(&out.stderr)),
+            format!(
+                "thinpool: error: creating a pool at {}: {what} device {} is {kind}: give a \
+                 regular file or a block device (or a symlink to one)",
+                r.path.display(),
+                path.display()
+            )
+        );
+        assert!(!r.path.exists(), "{flag} {path:?}: the root was made");
+    }
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 0);
+
+    // The same file for both.
+    let img = r.file("both.img");
+    File::create(&img).unwrap().set_len(64 * MIB).unwrap();
+    let err = r.fails(&[
+        "pool",
+        "create",
+        "--data",
+        path_str(&img),
+        "--metadata",
+        path_str(&img),
+    ]);
+    assert!(
+        error_line(&err).ends_with(&format!(
+            "data device {0} and metadata device {0} are the same file ({0}): give two",
+            img.display()
+        )),
+        "{err}"
+    );
+    assert!(!r.path.exists());
+
+    // Good arguments on the same root: a symlink to a regular file is a metadata device.
+    let meta = r.file("meta.img");
+    File::create(&meta).unwrap().set_len(4 * MIB).unwrap();
+    let meta_link = r.file("meta-link");
+    std::os::unix::fs::symlink(&meta, &meta_link).unwrap();
+    r.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "64M",
+        "--metadata",
+        path_str(&meta_link),
+    ]);
+    r.ok(&["vol", "create", "v", "--size", "1M"]);
+    assert_eq!(r.names(), ["v"]);
+    r.check_metadata();
+}

@@ -345,6 +345,45 @@ fn take_lock(root: &Path) -> Result<File> {
     }
 }
 
+/// The largest volume: 2^63 − 2^30 bytes (8 EiB less 1 GiB). qemu opens no image larger than
+/// `INT64_MAX` rounded down to its largest alignment, 1 GiB (`BDRV_MAX_LENGTH`: it refuses
+/// 2^63 − 512 with "File too large"), and the kernel's byte offsets are signed 64-bit too; a
+/// larger volume could be made here but not used.
+pub const MAX_VOLUME_SIZE: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
+fn check_volume_size(name: &str, size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "volume {name}: the size must be more than 0 bytes"
+        )));
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "volume {name}: size {size} bytes is past the largest clients can open, \
+             {MAX_VOLUME_SIZE} bytes (2^63 - 1 GiB, qemu's limit)"
+        )));
+    }
+    Ok(())
+}
+
+/// The most metadata dm-thin uses: 255 bitmaps of 16 320 blocks of 4 KiB (format spec 11.3,
+/// ≈ 15.87 GiB); the kernel ignores a device's excess, so a larger file made here is waste.
+const MAX_METADATA_SIZE: u64 = 255 * 16_320 * 4096;
+
+/// Data block numbers are 40 bits in a mapping (format spec 5.3): a data device of `size`
+/// bytes in blocks of `bs` must have fewer than 2^40 blocks.
+fn check_data_blocks(size: u64, bs: u64) -> Result<()> {
+    if size / bs >= 1 << 40 {
+        return Err(Error::InvalidArgument(format!(
+            "data size {size} bytes is {} blocks of {bs} bytes: dm-thin addresses fewer than \
+             2^40 data blocks (give at most {} bytes, or larger blocks)",
+            size / bs,
+            ((1u64 << 40) - 1) * bs
+        )));
+    }
+    Ok(())
+}
+
 fn check_block_size(bs: u64) -> Result<()> {
     if !(65536..=1 << 30).contains(&bs) || !bs.is_multiple_of(65536) {
         return Err(Error::InvalidArgument(format!(
@@ -352,6 +391,34 @@ fn check_block_size(bs: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What a device given for a pool must be: a regular file or a block device, or a symlink to
+/// one. Checked before anything is made: a FIFO would block the open (or take the pool's
+/// bytes into a pipe), `/dev/null` and other character devices swallow writes, and a folder
+/// cannot hold a device.
+fn check_device_path(what: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let meta = std::fs::metadata(path).map_err(file_err("checking the device", path))?;
+    let t = meta.file_type();
+    if t.is_file() || t.is_block_device() {
+        return Ok(());
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "neither a regular file nor a block device"
+    };
+    Err(Error::InvalidArgument(format!(
+        "{what} device {} is {kind}: give a regular file or a block device (or a symlink to one)",
+        path.display()
+    )))
 }
 
 /// The device at `path`: created as a sparse file of `size`, or an existing file / block
@@ -372,10 +439,38 @@ impl Pool {
     /// devices), an empty catalog, and the lock. Refuses a root that already has a pool.
     pub fn create(root: &Path, cfg: &PoolConfig, opts: PoolOptions) -> Result<Pool> {
         check_block_size(cfg.block_size)?;
+        // Before anything is made, so that a refused create leaves the root as it was.
+        if let Some(p) = &cfg.metadata_path {
+            check_device_path("metadata", p)?;
+        }
+        if let Some(p) = &cfg.data_path {
+            check_device_path("data", p)?;
+        }
+        if let (Some(d), Some(m)) = (&cfg.data_path, &cfg.metadata_path)
+            && let (Ok(dc), Ok(mc)) = (d.canonicalize(), m.canonicalize())
+            && dc == mc
+        {
+            return Err(Error::InvalidArgument(format!(
+                "data device {} and metadata device {} are the same file ({}): give two",
+                d.display(),
+                m.display(),
+                dc.display()
+            )));
+        }
         if cfg.data_size < cfg.block_size {
             return Err(Error::InvalidArgument(format!(
                 "data size {} bytes is smaller than one block ({} bytes)",
                 cfg.data_size, cfg.block_size
+            )));
+        }
+        if cfg.data_path.is_none() {
+            check_data_blocks(cfg.data_size, cfg.block_size)?;
+        }
+        if cfg.metadata_path.is_none() && cfg.metadata_size > MAX_METADATA_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "metadata size {} bytes: dm-thin uses at most {MAX_METADATA_SIZE} bytes \
+                 (4 161 600 blocks of 4 KiB) and ignores the rest",
+                cfg.metadata_size
             )));
         }
         if cfg.metadata_size < 1 << 20 {
@@ -401,6 +496,7 @@ impl Pool {
             meta.read_at(&mut first, 0)?;
             if first.iter().any(|&b| b != 0) {
                 let _ = std::fs::remove_file(&meta_link);
+                // Only if empty: a folder someone filled is theirs.
                 let _ = std::fs::remove_dir(&pool_dir);
                 return Err(Error::Exists(format!(
                     "metadata device {} is not blank (its first 4 KiB are not zero): refusing to overwrite it",
@@ -424,6 +520,7 @@ impl Pool {
             // Leave nothing half made behind.
             let _ = std::fs::remove_file(&data_link);
             let _ = std::fs::remove_file(&meta_link);
+            let _ = std::fs::remove_dir(&pool_dir);
         }
         made
     }
@@ -449,6 +546,7 @@ impl Pool {
         block_size: u64,
         opts: PoolOptions,
     ) -> Result<Pool> {
+        check_data_blocks(devs.data.size()?, block_size)?;
         let nr_data = devs.data.size()? / block_size;
         let cache_blocks = opts.metadata_cache_blocks()?;
         let mut md =
@@ -739,10 +837,15 @@ impl Pool {
         labels: Labels,
     ) -> Result<VolumeInfo> {
         check_name(name)?;
-        if origin.is_none() && size == 0 {
+        // New names only: a pool made before this rule keeps opening with its volumes.
+        if name.starts_with('-') {
             return Err(Error::InvalidArgument(format!(
-                "volume {name}: the size must be more than 0 bytes"
+                "invalid volume name {name:?}: a name may not start with '-' (commands would \
+                 read it as an option)"
             )));
+        }
+        if origin.is_none() {
+            check_volume_size(name, size)?;
         }
         let mut cat = self.inner.catalog();
         if cat.volumes.contains_key(name) {
@@ -912,11 +1015,7 @@ impl Pool {
 
     /// Change a volume's virtual size. Shrinking unmaps every block past the new end.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
-        if size == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "volume {name}: the size must be more than 0 bytes"
-            )));
-        }
+        check_volume_size(name, size)?;
         let mut cat = self.inner.catalog();
         let e = entry(&cat, name)?.clone();
         let vs = self.inner.vol_state(&e);
@@ -981,6 +1080,9 @@ impl Pool {
         let inner = &self.inner;
         if inner.opts.read_only {
             return Err(inner.read_only_error());
+        }
+        if let Some(size) = data_size {
+            check_data_blocks(size, inner.block_size)?;
         }
         let mut st = inner.md();
         if st.md.needs_check() {
