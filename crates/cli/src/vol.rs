@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use thinpool_control::{VolumeInfo, VolumeKind};
+use thinpool_control::{Hello, VolumeInfo, VolumeKind};
 use thinpool_engine::{ErrorKind, Pool, Volume};
 
 use crate::client::{self, Target};
@@ -161,7 +161,7 @@ pub fn run(root: &Path, cmd: VolCommand) -> Result<i32> {
         VolCommand::Detach { name } => crate::mount::detach(root, &name),
         VolCommand::Import { .. } | VolCommand::Export { .. } => {
             if let Some(daemon) = client::daemon(root)? {
-                bail!(copy_through_nbd(root, &cmd, daemon.daemon().pid));
+                bail!(copy_through_nbd(root, &cmd, daemon.daemon()));
             }
             let access = match cmd {
                 VolCommand::Export { .. } => Access::Look,
@@ -181,9 +181,28 @@ pub fn run(root: &Path, cmd: VolCommand) -> Result<i32> {
 
 /// Why `vol import`/`vol export` cannot run while a daemon holds the pool (they need the
 /// pool's volumes open in this process), and the NBD command that does the same copy.
-fn copy_through_nbd(root: &Path, cmd: &VolCommand, pid: u32) -> String {
+fn copy_through_nbd(root: &Path, cmd: &VolCommand, daemon: &Hello) -> String {
     let at = root.display();
-    let url = |name: &str| format!("'nbd+unix:///{name}?socket={at}/nbd.sock'");
+    let pid = daemon.pid;
+    // The endpoint the daemon says it serves (a daemon older than that field: ROOT/nbd.sock
+    // if it is there).
+    let old_default = root.join("nbd.sock");
+    let socket = daemon
+        .nbd_socket
+        .clone()
+        .or_else(|| (daemon.nbd_tcp.is_none() && old_default.exists()).then_some(old_default));
+    let url = |name: &str| match (&socket, daemon.nbd_tcp) {
+        (Some(p), _) => format!("'nbd+unix:///{name}?socket={}'", p.display()),
+        (None, Some(addr)) => format!("'nbd://{addr}/{name}'"),
+        (None, None) => String::new(),
+    };
+    if socket.is_none() && daemon.nbd_tcp.is_none() {
+        return format!(
+            "the thinpool daemon (pid {pid}) holds the pool at {at} and serves no NBD export, so \
+             this command can neither open the pool nor copy through the daemon: stop the daemon \
+             and run it again"
+        );
+    }
     let held = format!(
         "the thinpool daemon (pid {pid}) holds the pool, so this command cannot open it; copy \
          through the daemon's NBD export instead"

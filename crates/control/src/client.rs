@@ -172,6 +172,8 @@ impl Client {
                 pid: 0,
                 uid: 0,
                 root: PathBuf::new(),
+                nbd_socket: None,
+                nbd_tcp: None,
             },
         };
         let hello: Hello = client.call_as(&Request::Hello {

@@ -288,6 +288,13 @@ pub struct Hello {
     pub uid: u32,
     /// The pool root the daemon serves.
     pub root: PathBuf,
+    /// The unix socket the daemon serves NBD on (`nbd+unix:///NAME?socket=PATH`), if any.
+    /// Absent from daemons older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_socket: Option<PathBuf>,
+    /// The TCP address the daemon serves NBD on (`nbd://ADDR/NAME`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tcp: Option<std::net::SocketAddr>,
 }
 
 /// A message could not be read.

@@ -176,6 +176,8 @@ mod tests {
             pid: 1,
             uid: 0,
             root: "/r".into(),
+            nbd_socket: None,
+            nbd_tcp: None,
         }
     }
 

@@ -427,6 +427,9 @@ impl Daemon {
             // On failure, dropping the daemon stops the control server and closes the pool.
             let nbd = NbdServer::start(daemon.pool(), cfg)?;
             daemon.nbd_link = nbd.unix_socket().and_then(nbdstop::WakeLink::make);
+            if let Some(s) = &daemon.server {
+                s.set_nbd(nbd.unix_socket(), nbd.tcp_addr());
+            }
             daemon.nbd = Some(nbd);
         }
         if let Some(cfg) = &opts.fuse {

@@ -43,13 +43,15 @@ struct Shared {
     layers: Arc<Layers>,
     root: PathBuf,
     uid: u32,
-    hello: Hello,
+    /// The answer to `hello`; the NBD endpoints are filled in once that server runs.
+    hello: Mutex<Hello>,
     /// Open connections by id (clones of their streams), so that stop can shut them down.
     conns: Mutex<HashMap<u64, UnixStream>>,
 }
 
 /// A running control server.
 pub(crate) struct ControlServer {
+    shared: Arc<Shared>,
     path: PathBuf,
     id: FileId,
     wake: UnixStream,
@@ -78,18 +80,21 @@ impl ControlServer {
             layers,
             root: root.to_path_buf(),
             uid,
-            hello: Hello {
+            hello: Mutex::new(Hello {
                 protocol: PROTOCOL_VERSION,
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 pid: std::process::id(),
                 uid,
                 root: root.to_path_buf(),
-            },
+                nbd_socket: None,
+                nbd_tcp: None,
+            }),
             conns: Mutex::new(HashMap::new()),
         });
+        let served = shared.clone();
         let thread = std::thread::Builder::new()
             .name("thinpool-control".into())
-            .spawn(move || accept_loop(&listener, &wake_rx, &shared))
+            .spawn(move || accept_loop(&listener, &wake_rx, &served))
             .map_err(|source| {
                 socket::remove_if_ours(path, id);
                 Error::Thread {
@@ -98,11 +103,19 @@ impl ControlServer {
                 }
             })?;
         Ok(ControlServer {
+            shared,
             path: path.to_path_buf(),
             id,
             wake,
             thread,
         })
+    }
+
+    /// Say in `hello` where NBD is served, so that commands can name the endpoint that exists.
+    pub fn set_nbd(&self, socket: Option<&Path>, tcp: Option<std::net::SocketAddr>) {
+        let mut h = self.shared.hello.lock().expect("hello poisoned");
+        h.nbd_socket = socket.map(Path::to_path_buf);
+        h.nbd_tcp = tcp;
     }
 
     /// Stop accepting, shut down every connection (a request being handled finishes first),
@@ -256,7 +269,7 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) {
                             &shared.pool,
                             &shared.mounts,
                             &shared.layers,
-                            &shared.hello,
+                            &shared.hello.lock().expect("hello poisoned").clone(),
                             req,
                         ),
                         false,
