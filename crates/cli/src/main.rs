@@ -176,14 +176,45 @@ fn main() {
     match code {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("thinpool: error: {e:#}");
+            eprintln!("thinpool: error: {}", error_chain(&e));
             std::process::exit(1);
         }
     }
 }
 
+/// The error and its causes, joined by ": " as `{:#}` does, but without a cause that the text
+/// before it already ends with: a library error that prints its source in its own message
+/// and also returns it as `source()` would otherwise say it twice ("…: No such file or
+/// directory (os error 2): No such file or directory (os error 2)").
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.is_empty() && out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cause_already_said_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let said = format!("cannot listen on x.sock: {io}");
+        let e = anyhow::Error::new(io)
+            .context(said.clone())
+            .context("starting");
+        assert_eq!(super::error_chain(&e), format!("starting: {said}"));
+        let e = anyhow::anyhow!("b").context("a");
+        assert_eq!(super::error_chain(&e), "a: b");
+    }
+
     #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
