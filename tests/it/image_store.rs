@@ -736,6 +736,121 @@ fn grown_container_exports_and_imports_into_another_pool() {
     b.stop_and_check();
 }
 
+/// Layers are shared and reference counted: two images with three layers in common list them
+/// as shared; `image rm` of one keeps what the other (or a container) needs; a name moved to a
+/// new image leaves the old one dangling, and `image prune` takes it with the layers and blobs
+/// only it needed; the last `image rm` leaves no layer, blob or data block.
+#[test]
+fn image_rm_and_prune_keep_what_others_need() {
+    if !usable() {
+        return;
+    }
+    let rich = images::rich(RICH).expect("busybox-static is required");
+    const PLUS: &str = "example.test/thinpool/plus:latest";
+    let plus = |text: &[u8]| {
+        let mut img = rich
+            .clone()
+            .layer(images::Layer::new().file("plus.txt", text, 0o644));
+        img.name = PLUS.to_string();
+        img
+    };
+    let mut pool = Pool::start(&UP);
+    let dir = pool.up.dir.path().to_path_buf();
+    let load = |img: &Image, file: &str| {
+        let path = dir.join(file);
+        img.write_docker_archive(&path);
+        let out = run_ok(&mut pool.up.cmd(&["image", "load", path.to_str().unwrap()]));
+        format!("{}{}", text(&out.stdout), text(&out.stderr))
+    };
+    let blobs = |pool: &Pool| {
+        std::fs::read_dir(pool.up.root.join("images/blobs/sha256"))
+            .unwrap()
+            .count()
+    };
+    let mut f = Failures::new();
+    load(&rich, "rich.tar");
+    let base = pool.used_blocks();
+    let out = load(&plus(b"one\n"), "plus1.tar");
+    f.check(
+        &format!("the second image applies one layer, shares three ({out:?})"),
+        out.contains("1 layer(s) unpacked, 3 shared"),
+    );
+    let rich_size: u64 = pool.image(RICH)["layer_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    for name in [RICH, PLUS] {
+        let shared = pool.image(name)["shared_size"].as_u64();
+        f.check(
+            &format!("{name}: shared size is rich's {rich_size} bytes ({shared:?})"),
+            shared == Some(rich_size),
+        );
+    }
+    f.check("4 layers", pool.layer_keys().len() == 4);
+    pool.up.ok(&["container", "create", PLUS, "c1"]);
+    pool.up.ok(&["image", "rm", RICH]);
+    f.check(
+        &format!("rm of rich keeps plus's 4 layers ({:?})", pool.layer_keys()),
+        pool.layer_keys().len() == 4,
+    );
+    let err = pool.up.fails(&["image", "rm", PLUS]);
+    f.check(
+        &format!("rm of an image a container uses is refused, naming it: {err}"),
+        err.contains("c1") && err.contains("container rm"),
+    );
+    // A new image under the name: the old one is dangling, still used by c1.
+    load(&plus(b"two\n"), "plus2.tar");
+    let dangling: Vec<Value> = pool
+        .images()
+        .into_iter()
+        .filter(|i| i["names"].as_array().unwrap().is_empty())
+        .collect();
+    f.check(
+        &format!(
+            "the old plus is listed without a name ({} dangling)",
+            dangling.len()
+        ),
+        dangling.len() == 1 && dangling[0]["containers"] == 1,
+    );
+    pool.up.ok(&["image", "prune"]);
+    f.check(
+        "prune keeps a dangling image a container uses",
+        pool.images().len() == 2,
+    );
+    pool.up.ok(&["container", "rm", "c1"]);
+    let out = pool.up.ok(&["image", "prune"]);
+    f.check(
+        &format!("prune takes the dangling image ({out:?})"),
+        out.contains(dangling[0]["id"].as_str().unwrap()) && pool.images().len() == 1,
+    );
+    f.check(
+        &format!(
+            "rich's 3 layers + the new top stay ({:?})",
+            pool.layer_keys()
+        ),
+        pool.layer_keys().len() == 4,
+    );
+    pool.up.ok(&["image", "rm", PLUS]);
+    f.check("nothing listed", pool.images().is_empty());
+    f.check(
+        &format!("no layer left ({:?})", pool.layer_keys()),
+        pool.layer_keys().is_empty(),
+    );
+    f.check(
+        &format!("no blob left ({})", blobs(&pool)),
+        blobs(&pool) == 0,
+    );
+    let used = pool.used_blocks();
+    f.check(
+        &format!("data blocks: {used}, below what rich's layers took ({base})"),
+        used < base,
+    );
+    f.finish();
+    pool.stop_and_check();
+}
+
 /// 100 containers of one image: instant, and almost no data blocks (reported); listed, then
 /// removed, giving back what they took.
 #[test]
