@@ -295,3 +295,469 @@ fn bad_input_fails_clearly_and_changes_nothing() {
     up.stop();
     up.thin_check();
 }
+
+/// Send `sig` to the daemon without waiting for it to exit.
+fn kill(up: &Up, sig: &str) {
+    let pid = up.child.as_ref().expect("running").id();
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// The daemon's second names for its NBD socket (`.nbd.sock.wake.<pid>`) left in the root.
+fn wake_links(up: &Up) -> Vec<String> {
+    std::fs::read_dir(&up.root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".nbd.sock.wake."))
+        .collect()
+}
+
+/// Issue 15: SIGTERM hung forever once `ROOT/nbd.sock` had been removed, because the NBD
+/// server woke its accept thread by connecting to that path. Whatever socket files are gone,
+/// the daemon now stops within a bounded time, exits 0, and leaves a pool `thin_check`
+/// accepts with the data written before (and nothing of its own behind).
+#[test]
+fn sigterm_stops_whatever_socket_files_were_removed() {
+    if !require_tools(&["qemu-io", "thin_check"]) {
+        return;
+    }
+    let cases: [&[&str]; 3] = [
+        &["nbd.sock"],
+        &["control.sock"],
+        &["nbd.sock", "control.sock"],
+    ];
+    for removed in cases {
+        let mut up = Up::start(&["--data-size", "256M", "--metadata-size", "16M"]);
+        up.ok(&["vol", "create", "v", "--size", "64M"]);
+        qemu_io(&up.uri("v"), &["write -P 0x5a 0 4M", "flush"]);
+        for f in removed {
+            std::fs::remove_file(up.root.join(f)).unwrap();
+        }
+        let t = std::time::Instant::now();
+        kill(&up, "TERM");
+        let st = up.wait_exit(&format!("of SIGTERM with {removed:?} removed"));
+        let took = t.elapsed();
+        assert!(
+            st.success(),
+            "{removed:?} removed: exited {st}:\n{}",
+            up.log_text()
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{removed:?} removed: stopping took {took:?}:\n{}",
+            up.log_text()
+        );
+        assert_eq!(wake_links(&up), Vec::<String>::new(), "left behind");
+        up.thin_check();
+        // The root serves again, with the data.
+        up.spawn(&[]);
+        qemu_io(&up.uri("v"), &["read -P 0x5a 0 4M"]);
+        up.stop();
+        up.thin_check();
+    }
+}
+
+/// Issue 15: when the daemon cannot wake its NBD server at all (the socket file and its
+/// second name both removed), the stop gives up on the server after 10 s: the pool is
+/// committed and the daemon exits 1 saying why. A second signal while it waits exits at once
+/// (status 128 + signal), skipping the drain and the final commit: the pool keeps its last
+/// commit, which holds everything the client flushed.
+#[test]
+fn a_stuck_stop_is_bounded_and_a_second_signal_forces_the_exit() {
+    if !require_tools(&["qemu-io", "thin_check"]) {
+        return;
+    }
+    let mut up = Up::start(&["--data-size", "256M", "--metadata-size", "16M"]);
+    up.ok(&["vol", "create", "v", "--size", "64M"]);
+    qemu_io(&up.uri("v"), &["write -P 0x11 0 4M", "flush"]);
+    let links = wake_links(&up);
+    assert_eq!(links.len(), 1, "{links:?}");
+
+    // Everything removed, one signal: bounded, exit 1, committed.
+    std::fs::remove_file(up.root.join("nbd.sock")).unwrap();
+    std::fs::remove_file(up.root.join(&links[0])).unwrap();
+    let t = std::time::Instant::now();
+    kill(&up, "TERM");
+    let st = up.wait_exit("of SIGTERM with nbd.sock and its second name removed");
+    let took = t.elapsed();
+    assert_eq!(st.code(), Some(1), "{}", up.log_text());
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&took),
+        "stopping took {took:?}:\n{}",
+        up.log_text()
+    );
+    let log = up.log_text();
+    assert!(
+        log.contains(&format!(
+            "thinpool: error: stopping the daemon (the pool is committed on the way out): the \
+             NBD server did not stop within 10 s (its socket file was removed or replaced): the \
+             pool at {} is committed and is let go when this process exits",
+            up.root.display()
+        )),
+        "{log}"
+    );
+    up.thin_check();
+
+    // Again, and a second signal while the stop waits: out at once.
+    up.spawn(&[]);
+    qemu_io(
+        &up.uri("v"),
+        &["read -P 0x11 0 4M", "write -P 0x22 4M 4M", "flush"],
+    );
+    let links = wake_links(&up);
+    assert_eq!(links.len(), 1, "{links:?}");
+    std::fs::remove_file(up.root.join("nbd.sock")).unwrap();
+    std::fs::remove_file(up.root.join(&links[0])).unwrap();
+    kill(&up, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !up.log_text().contains("shutdown signal received") {
+        assert!(std::time::Instant::now() < deadline, "{}", up.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        up.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the first stop should still be waiting for the NBD server:\n{}",
+        up.log_text()
+    );
+    let t = std::time::Instant::now();
+    kill(&up, "INT");
+    let st = up.wait_exit("of a second signal");
+    let took = t.elapsed();
+    assert_eq!(st.code(), Some(128 + 2), "{}", up.log_text());
+    assert!(took < Duration::from_secs(3), "forced exit took {took:?}");
+    assert!(
+        up.log_text()
+            .contains("thinpool: signal 2 while stopping: exiting now without finishing the stop"),
+        "{}",
+        up.log_text()
+    );
+    up.thin_check();
+    // The next start clears what the forced exit left (a dead FUSE mount) and has the data.
+    up.spawn(&[]);
+    qemu_io(&up.uri("v"), &["read -P 0x11 0 4M", "read -P 0x22 4M 4M"]);
+    up.stop();
+    up.thin_check();
+}
+
+/// Issue 15: `up` refused to start ("the pool … is in use") while an offline command such as
+/// `thinpool vol ls` (no daemon running) held the pool's lock for a moment. It now waits for
+/// the lock (10 s at most, saying once whom it waits for): ten starts against a loop of
+/// offline `vol ls` all succeed. A lock held longer is refused, naming the holder.
+#[test]
+fn up_waits_for_an_offline_command_holding_the_lock() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    if !require_tools(&["thin_check", "flock"]) {
+        return;
+    }
+    let mut up = Up::start(&["--data-size", "256M", "--metadata-size", "16M", "--no-fuse"]);
+    up.ok(&["vol", "create", "v", "--size", "64M"]);
+    up.stop();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let offline = Arc::new(AtomicUsize::new(0));
+    let looper = {
+        let (done, offline, root) = (done.clone(), offline.clone(), up.root.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                let out = run(&mut thinpool_tests::thinpool_in(&root, &["vol", "ls"]));
+                if out.status.success() {
+                    offline.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    for _ in 0..10 {
+        // Up::spawn fails the test if `up` exits instead of serving.
+        up.spawn(&["--no-fuse"]);
+        assert!(up.ok(&["vol", "ls"]).contains('v'));
+        up.stop();
+    }
+    done.store(true, Ordering::SeqCst);
+    looper.join().unwrap();
+    assert!(
+        offline.load(Ordering::SeqCst) > 0,
+        "the offline loop never ran"
+    );
+    up.thin_check();
+
+    // Held for longer than `up` waits: refused after 10 s, naming the holder.
+    let lock = up.root.join("lock");
+    let mut holder = tool("flock");
+    holder.arg(&lock).args(["sleep", "60"]);
+    let mut holder = holder.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .contains(&format!(" {} ", holder.id()))
+    {
+        assert!(std::time::Instant::now() < deadline, "flock did not lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = std::time::Instant::now();
+    let out = run(up.cmd(&["up", "--no-fuse"]).stdout(Stdio::null()));
+    let took = t.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!out.status.success());
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(20)).contains(&took),
+        "{took:?}"
+    );
+    let err = text(&out.stderr);
+    let who = format!("flock {} sleep 60 (pid {})", lock.display(), holder.id());
+    assert_eq!(
+        err.matches("waiting up to 10 s for").count(),
+        1,
+        "one waiting message:\n{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "waiting up to 10 s for {who} holding the lock of the pool at {}",
+            up.root.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        error_line(&err),
+        format!(
+            "thinpool: error: the pool at {} is in use: its lock is held by {who} (waited 10 s); \
+             try again when it is done",
+            up.root.display()
+        )
+    );
+}
+
+/// Issue 15: sizes no client can use and names that read as options were accepted. A volume
+/// may be at most 2^63 − 1 GiB (qemu's largest image; one byte more and qemu refuses to open
+/// it), for `vol create` and `vol resize` alike, and that largest size works end to end; a
+/// volume name may not start with '-'. Through the daemon (the offline path runs the same
+/// engine checks).
+#[test]
+fn volume_sizes_and_names_clients_cannot_use_are_refused() {
+    if !require_tools(&["qemu-io", "nbdinfo", "thin_check"]) {
+        return;
+    }
+    const MAX: u64 = (1 << 63) - (1 << 30);
+    let mut up = Up::start(&["--data-size", "256M", "--metadata-size", "16M"]);
+    let root = up.root.display().to_string();
+    let past = (MAX + 1).to_string();
+    let e = up.fails(&["vol", "create", "big", "--size", &past]);
+    assert_eq!(
+        error_line(&e),
+        format!(
+            "thinpool: error: creating volume \"big\" in the pool at {root}: volume big: size \
+             {past} bytes is past the largest clients can open, {MAX} bytes (2^63 - 1 GiB, \
+             qemu's limit)"
+        )
+    );
+    let e = up.fails(&["vol", "create", "big", "--size", &(1u64 << 63).to_string()]);
+    assert!(
+        error_line(&e).contains("past the largest clients can open"),
+        "{e}"
+    );
+
+    // The largest size: created, served, written and read at its last block.
+    up.ok(&["vol", "create", "big", "--size", &MAX.to_string()]);
+    assert_eq!(up.vol("big"), (MAX, 0));
+    let out = run_ok(tool("nbdinfo").args(["--size", &up.uri("big")]));
+    assert_eq!(text(&out.stdout).trim(), MAX.to_string());
+    let last = (MAX - BLOCK).to_string();
+    qemu_io(
+        &up.uri("big"),
+        &[
+            &format!("write -P 0x44 {last} 64k"),
+            &format!("read -P 0x44 {last} 64k"),
+        ],
+    );
+
+    // Resize: past the largest refused (to a size and by a growth), the largest accepted.
+    up.ok(&["vol", "create", "v", "--size", "1M"]);
+    let e = up.fails(&["vol", "resize", "v", &past]);
+    assert_eq!(
+        error_line(&e),
+        format!(
+            "thinpool: error: resizing volume \"v\" in the pool at {root}: volume v: size \
+             {past} bytes is past the largest clients can open, {MAX} bytes (2^63 - 1 GiB, \
+             qemu's limit)"
+        )
+    );
+    let e = up.fails(&["vol", "resize", "big", "+1G"]);
+    assert!(
+        error_line(&e).contains("past the largest clients can open"),
+        "{e}"
+    );
+    up.ok(&["vol", "resize", "v", &MAX.to_string()]);
+    assert_eq!(up.vol("v").0, MAX);
+
+    // Names that read as options.
+    for (args, name, what) in [
+        (
+            &["vol", "create", "--size", "1M", "--", "-x"][..],
+            "-x",
+            "creating volume \"-x\" in",
+        ),
+        (
+            &["vol", "snapshot", "v", "--", "--snap"][..],
+            "--snap",
+            "snapshotting volume \"v\" as \"--snap\" in",
+        ),
+    ] {
+        let e = up.fails(args);
+        assert_eq!(
+            error_line(&e),
+            format!(
+                "thinpool: error: {what} the pool at {root}: invalid volume name {name:?}: a name \
+                 may not start with '-' (commands would read it as an option)"
+            )
+        );
+    }
+    // '-' inside a name is fine.
+    up.ok(&["vol", "create", "a-b", "--size", "1M"]);
+    up.stop();
+    up.thin_check();
+}
+
+/// Issue 15: pool sizes dm-thin would not use are refused before anything is made: a block
+/// size that is not a multiple of 64 KiB in 64 KiB ..= 1 GiB, a data device of 2^40 blocks or
+/// more (mappings hold 40-bit block numbers), a metadata file past the 4 161 600 blocks of
+/// 4 KiB the kernel uses. The edges are accepted: 1 GiB blocks, the largest metadata file.
+#[test]
+fn pool_sizes_dm_thin_would_not_use_are_refused() {
+    if !require_tools(&["thin_check"]) {
+        return;
+    }
+    const MAX_META: u64 = 4_161_600 * 4096;
+    let dir = scratch();
+    let root = dir.path().join("root");
+    let create = |args: &[&str]| {
+        let mut c = thinpool_tests::thinpool_in(&root, &["pool", "create"]);
+        c.args(args);
+        run(&mut c)
+    };
+    let refused = |args: &[&str], why: &str| {
+        let out = create(args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert_eq!(
+            error_line(&text(&out.stderr)),
+            format!(
+                "thinpool: error: creating a pool at {}: {why}",
+                root.display()
+            ),
+            "{args:?}"
+        );
+        assert!(!root.exists(), "{args:?}: the root was made");
+    };
+    for bs in ["32K", "96K", "2G"] {
+        let bytes = match bs {
+            "32K" => 32 << 10,
+            "96K" => 96 << 10,
+            _ => 2u64 << 30,
+        };
+        refused(
+            &[
+                "--block-size",
+                bs,
+                "--data-size",
+                "4G",
+                "--metadata-size",
+                "4M",
+            ],
+            &format!(
+                "block size {bytes} bytes: must be a multiple of 64 KiB between 64 KiB and 1 GiB"
+            ),
+        );
+    }
+    refused(
+        &["--data-size", "64P", "--metadata-size", "4M"],
+        &format!(
+            "data size {} bytes is {} blocks of 65536 bytes: dm-thin addresses fewer than 2^40 \
+             data blocks (give at most {} bytes, or larger blocks)",
+            64u64 << 50,
+            1u64 << 40,
+            ((1u64 << 40) - 1) * BLOCK
+        ),
+    );
+    let past = (MAX_META + 4096).to_string();
+    refused(
+        &["--data-size", "64M", "--metadata-size", &past],
+        &format!(
+            "metadata size {past} bytes: dm-thin uses at most {MAX_META} bytes (4 161 600 \
+             blocks of 4 KiB) and ignores the rest"
+        ),
+    );
+
+    // The edges: 1 GiB blocks, the largest metadata file (sparse).
+    let out = create(&[
+        "--block-size",
+        "1G",
+        "--data-size",
+        "2G",
+        "--metadata-size",
+        &MAX_META.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let meta = root.join("pool/metadata");
+    assert_eq!(std::fs::metadata(&meta).unwrap().len(), MAX_META);
+    run_ok(&mut thinpool_tests::thinpool_in(
+        &root,
+        &["vol", "create", "v", "--size", "3G"],
+    ));
+    run_ok(tool("thin_check").arg(&meta));
+}
+
+/// Issue 15: `vol export` / `vol import` while the daemon runs point at an NBD command; the
+/// hint named ROOT/nbd.sock even when the daemon listened only on TCP (`--listen`) or on
+/// another socket (`--socket`). It now names the endpoint the daemon serves.
+#[test]
+fn the_copy_hint_names_the_endpoint_that_exists() {
+    if !require_tools(&["thin_check"]) {
+        return;
+    }
+    let mut up = Up::start(&[
+        "--data-size",
+        "256M",
+        "--metadata-size",
+        "16M",
+        "--no-fuse",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    up.ok(&["vol", "create", "v", "--size", "1M"]);
+    let log = up.log_text();
+    let addr = log
+        .split("serving NBD on nbd://")
+        .nth(1)
+        .and_then(|r| r.split("/NAME").next())
+        .unwrap_or_else(|| panic!("no TCP address in the log:\n{log}"))
+        .to_string();
+    assert!(!up.root.join("nbd.sock").exists());
+    let out = up.dir.path().join("out.img");
+    let e = up.fails(&["vol", "export", "v", out.to_str().unwrap()]);
+    assert!(
+        error_line(&e).ends_with(&format!("run `nbdcopy 'nbd://{addr}/v' {}`", out.display())),
+        "{e}"
+    );
+    assert!(!e.contains("nbd.sock"), "{e}");
+    up.stop();
+
+    let other = up.dir.path().join("other.sock");
+    up.spawn(&["--no-fuse", "--socket", other.to_str().unwrap()]);
+    let e = up.fails(&["vol", "import", "v", out.to_str().unwrap()]);
+    assert!(
+        error_line(&e).ends_with(&format!(
+            "then run `nbdcopy {} 'nbd+unix:///v?socket={}'`",
+            out.display(),
+            other.display()
+        )),
+        "{e}"
+    );
+    up.stop();
+    up.thin_check();
+}

@@ -95,7 +95,10 @@ pub fn run(root: &Path, cmd: NbdCommand) -> Result<i32> {
 }
 
 /// Start the daemon, say where it listens, wait for SIGTERM/SIGINT, stop it.
-pub fn serve(root: &Path, opts: DaemonOptions) -> Result<i32> {
+pub fn serve(root: &Path, mut opts: DaemonOptions) -> Result<i32> {
+    // An offline command (`thinpool vol ls` with no daemon) holds the pool's lock for a
+    // moment: wait for it rather than refuse to start.
+    opts.lock_wait = std::time::Duration::from_secs(10);
     let mut signals = ShutdownSignals::install().context("cannot install signal handlers")?;
     let daemon = Daemon::start(root, opts)?;
     if let Some(nbd) = daemon.nbd() {
@@ -148,6 +151,26 @@ pub fn serve(root: &Path, opts: DaemonOptions) -> Result<i32> {
             eprintln!("thinpool: stopping anyway: busy mounts are detached lazily");
             break;
         }
+    }
+    // From here a further signal forces the exit: no drain, no final commit. The pool keeps
+    // its last commit, which holds everything clients flushed (the flush path commits); a
+    // change the stop was making is never committed half-done, because nothing more is
+    // committed at all, and a commit cut short leaves the previous one in place.
+    let forcer = std::thread::Builder::new()
+        .name("forced-exit".into())
+        .spawn(move || {
+            let sig = signals.wait();
+            let msg = format!(
+                "signal {sig} while stopping: exiting now without finishing the stop; the pool \
+                 keeps its last commit (all that clients flushed), writes not flushed since are \
+                 lost as after a crash, and a mount left behind is cleared by the next start"
+            );
+            tracing::warn!("{msg}");
+            eprintln!("thinpool: {msg}");
+            std::process::exit(128 + sig);
+        });
+    if let Err(e) = forcer {
+        tracing::warn!("a further signal cannot force the exit (no thread: {e})");
     }
     daemon
         .stop()
