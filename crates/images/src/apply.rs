@@ -804,7 +804,7 @@ fn copy_sparse(mut src: impl Read, file: &File) -> Result<u64, CopyError> {
 fn is_zero(block: &[u8]) -> bool {
     let mut words = block.chunks_exact(16);
     let acc = words.by_ref().fold(0u128, |acc, w| {
-        acc | u128::from_ne_bytes(w.try_into().expect("16 bytes"))
+        acc | u128::from_le_bytes(w.try_into().expect("16 bytes"))
     });
     acc == 0 && words.remainder().iter().all(|&b| b == 0)
 }
