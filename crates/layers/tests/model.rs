@@ -992,8 +992,7 @@ fn loop_devices_are_found_through_a_symlinked_files_folder() {
     assert_eq!(model.create("v", "l", &none, Kind::View), Class::Ok);
     check_mounts(&rig, &model, "v", &view, ctx);
     rig.store().release_loops();
-    let left = loopdev::backed_by_files_in(&rig.files_real);
-    assert!(left.is_empty(), "{ctx}: release_loops left {left:?}");
+    wait_for_no_loops(&rig.files_real);
     rig.store().mounts("v").expect("mounts");
     rig.store().remove("v").expect("remove a view");
     assert_eq!(model.remove("v", &rig.mounted), Class::Ok);
