@@ -24,6 +24,8 @@
 //!   printing exactly what they print without one.
 //! - `nbd`: `thinpool nbd serve` against real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
 //!   nbdsh, fio, TLS) and a raw protocol client.
+//! - `nbd_access`: TCP without TLS refused unless `--insecure-tcp`; PSK identities restricted
+//!   to volumes with `--psk-exports` (issue 15).
 //! - `nbd_limits`: NBD connection limit, handshake deadline, 1 000 connections served on (issue 15).
 //! - `fuse`: volumes as files: `thinpool up`'s FUSE mount driven with dd, cp, du, fallocate,
 //!   truncate, qemu-img and lseek; kill -9 and restart; a loop device carrying ext4.
@@ -66,6 +68,7 @@ mod kernel_needs_check;
 mod meta_repair;
 mod move_data;
 mod nbd;
+mod nbd_access;
 mod nbd_limits;
 mod needs_check;
 mod oracle;

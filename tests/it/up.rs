@@ -728,6 +728,7 @@ fn the_copy_hint_names_the_endpoint_that_exists() {
         "--no-fuse",
         "--listen",
         "127.0.0.1:0",
+        "--insecure-tcp",
     ]);
     up.ok(&["vol", "create", "v", "--size", "1M"]);
     let log = up.log_text();

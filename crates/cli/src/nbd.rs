@@ -23,10 +23,15 @@ pub struct ServeArgs {
     /// Unix socket to listen on (default: ROOT/nbd.sock unless --listen is given).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Also (or only) listen on TCP, e.g. 127.0.0.1:10809. Addresses other than loopback are
-    /// refused without TLS.
+    /// Also (or only) listen on TCP, e.g. 127.0.0.1:10809. Refused without TLS (--tls-cert or
+    /// --tls-psk) unless --insecure-tcp is given.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// Serve --listen without TLS: anyone who can reach ADDR:PORT reads and writes every
+    /// volume (on loopback, every local user). A warning in the log says so. No effect with
+    /// TLS.
+    #[arg(long)]
+    pub insecure_tcp: bool,
     /// TLS certificate chain (PEM): TCP clients must then use TLS (STARTTLS); unix socket
     /// clients may.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -38,6 +43,11 @@ pub struct ServeArgs {
     /// qemu and nbdkit read).
     #[arg(long, value_name = "FILE", conflicts_with = "tls_cert")]
     pub tls_psk: Option<PathBuf>,
+    /// Restrict a PSK identity of --tls-psk to these volumes: it lists and opens only them
+    /// (NAME@ro included); other names are unknown to it. Repeat for more identities;
+    /// identities not named see every volume.
+    #[arg(long, value_name = "IDENTITY=VOL[,VOL...]", value_parser = parse_psk_export)]
+    pub psk_exports: Vec<PskExport>,
     /// Serve every volume read-only.
     #[arg(long)]
     pub read_only: bool,
@@ -58,6 +68,35 @@ pub struct ServeArgs {
     pub handshake_timeout: Option<u64>,
 }
 
+/// One `--psk-exports IDENTITY=VOL,VOL` value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PskExport {
+    pub identity: String,
+    pub volumes: Vec<String>,
+}
+
+/// Parse `IDENTITY=VOL[,VOL...]` (also the TOML key's strings).
+pub fn parse_psk_export(s: &str) -> Result<PskExport, String> {
+    let Some((identity, list)) = s.split_once('=') else {
+        return Err(format!("expected IDENTITY=VOL[,VOL...], found {s:?}"));
+    };
+    if identity.is_empty() || identity.contains(':') {
+        return Err(format!(
+            "{s:?}: the PSK identity before '=' must be non-empty, without ':'"
+        ));
+    }
+    let volumes: Vec<String> = list.split(',').map(|v| v.trim().to_string()).collect();
+    if volumes.iter().any(String::is_empty) {
+        return Err(format!(
+            "{s:?}: give one or more volume names after '=', separated by ','"
+        ));
+    }
+    Ok(PskExport {
+        identity: identity.to_string(),
+        volumes,
+    })
+}
+
 impl ServeArgs {
     /// The NBD configuration for a pool in `root`.
     pub fn config(self, root: &Path) -> NbdConfig {
@@ -69,6 +108,7 @@ impl ServeArgs {
         let mut c = NbdConfig {
             unix_socket,
             tcp: self.listen,
+            insecure_tcp: self.insecure_tcp,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             tls_psk: self.tls_psk,
@@ -76,6 +116,12 @@ impl ServeArgs {
             snapshots_read_only: self.snapshots_read_only,
             ..NbdConfig::default()
         };
+        for e in self.psk_exports {
+            c.psk_exports
+                .entry(e.identity)
+                .or_default()
+                .extend(e.volumes);
+        }
         if let Some(n) = self.max_connections {
             c.max_connections = n as usize;
         }
@@ -99,6 +145,10 @@ pub fn serve(root: &Path, mut opts: DaemonOptions) -> Result<i32> {
     // An offline command (`thinpool vol ls` with no daemon) holds the pool's lock for a
     // moment: wait for it rather than refuse to start.
     opts.lock_wait = std::time::Duration::from_secs(10);
+    // Before the pool is opened (or made, by `up`).
+    if let Some(nbd) = &opts.nbd {
+        nbd.check()?;
+    }
     let mut signals = ShutdownSignals::install().context("cannot install signal handlers")?;
     let daemon = Daemon::start(root, opts)?;
     if let Some(nbd) = daemon.nbd() {

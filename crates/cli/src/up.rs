@@ -70,9 +70,12 @@ struct FileConfig {
     metadata: Option<PathBuf>,
     socket: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    insecure_tcp: Option<bool>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_psk: Option<PathBuf>,
+    /// `["IDENTITY=VOL,VOL", ...]`, as the flag's values.
+    psk_exports: Option<Vec<String>>,
     metrics: Option<SocketAddr>,
     read_only: Option<bool>,
     snapshots_read_only: Option<bool>,
@@ -157,9 +160,22 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
     let serve = ServeArgs {
         socket: s.socket.or(fc.socket),
         listen: s.listen.or(fc.listen),
+        insecure_tcp: s.insecure_tcp || fc.insecure_tcp.unwrap_or(false),
         tls_cert: s.tls_cert.or(fc.tls_cert),
         tls_key: s.tls_key.or(fc.tls_key),
         tls_psk: s.tls_psk.or(fc.tls_psk),
+        psk_exports: if s.psk_exports.is_empty() {
+            fc.psk_exports
+                .unwrap_or_default()
+                .iter()
+                .map(|e| {
+                    crate::nbd::parse_psk_export(e)
+                        .map_err(|m| anyhow::anyhow!("{}: psk_exports: {m}", file.display()))
+                })
+                .collect::<Result<_>>()?
+        } else {
+            s.psk_exports
+        },
         read_only: s.read_only || fc.read_only.unwrap_or(false),
         snapshots_read_only: s.snapshots_read_only || fc.snapshots_read_only.unwrap_or(false),
         metrics: s.metrics.or(fc.metrics),
@@ -216,6 +232,44 @@ mod tests {
         }
         let cli = <Cli as clap::Parser>::try_parse_from(["up", "--metrics", "[::1]:9464"]).unwrap();
         assert_eq!(cli.up.serve.metrics, Some("[::1]:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn access_keys_and_flags_parse() {
+        let fc: FileConfig =
+            toml::from_str("insecure_tcp = true\npsk_exports = [\"alice=a,b\", \"bob=c\"]")
+                .unwrap();
+        assert_eq!(fc.insecure_tcp, Some(true));
+        assert_eq!(
+            fc.psk_exports,
+            Some(vec!["alice=a,b".to_string(), "bob=c".to_string()])
+        );
+
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "up",
+            "--insecure-tcp",
+            "--psk-exports",
+            "alice=a, b",
+            "--psk-exports",
+            "bob=c",
+        ])
+        .unwrap();
+        assert!(cli.up.serve.insecure_tcp);
+        let cfg = cli.up.serve.config(Path::new("/r"));
+        assert!(cfg.insecure_tcp);
+        assert_eq!(cfg.psk_exports["alice"], ["a", "b"]);
+        assert_eq!(cfg.psk_exports["bob"], ["c"]);
+        for bad in ["alice", "=a", "alice=", "alice=a,,b", "a:b=c"] {
+            assert!(
+                <Cli as clap::Parser>::try_parse_from(["up", "--psk-exports", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use thinpool_engine::{ErrorKind, Volume, VolumeKind};
 use crate::proto::*;
 use crate::server::Shared;
 use crate::sock::Sock;
+use crate::tls::Identity;
 
 /// What the client chose: the export and what was negotiated for transmission.
 pub(crate) struct Session {
@@ -55,17 +56,60 @@ struct Export {
     description: String,
 }
 
-/// Resolve an export name. An empty name picks the only volume, if there is exactly one.
-fn resolve(shared: &Shared, requested: &str) -> Result<Export, (u32, String)> {
+/// The volumes a connection may see: all of them, or those its PSK identity is restricted to
+/// ([`crate::NbdConfig::psk_exports`]).
+enum Scope<'a> {
+    All,
+    Only {
+        identity: &'a str,
+        volumes: &'a [String],
+    },
+}
+
+impl<'a> Scope<'a> {
+    /// The scope of a connection: `identity` is `Some` once TLS-PSK was started on it.
+    fn of(shared: &'a Shared, identity: Option<&'a Identity>) -> Scope<'a> {
+        let Some(slot) = identity else {
+            return Scope::All;
+        };
+        match slot.get() {
+            Some(id) => match shared.psk_exports.get(id) {
+                Some(volumes) => Scope::Only {
+                    identity: id,
+                    volumes,
+                },
+                None => Scope::All,
+            },
+            // The pump sets the identity before it relays a byte, so this cannot be; were it,
+            // nothing is served rather than everything.
+            None => Scope::Only {
+                identity: "(unknown)",
+                volumes: &[],
+            },
+        }
+    }
+
+    fn allows(&self, volume: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Only { volumes, .. } => volumes.iter().any(|v| v == volume),
+        }
+    }
+}
+
+/// Resolve an export name. An empty name picks the only volume in scope, if there is exactly
+/// one. A name out of scope gets the same answer whether a volume has it or not.
+fn resolve(shared: &Shared, requested: &str, scope: &Scope) -> Result<Export, (u32, String)> {
     let (name, ro_asked) = match requested.strip_suffix("@ro") {
         Some(n) => (n.to_string(), true),
         None => (requested.to_string(), false),
     };
     let name = if name.is_empty() {
-        let vols = shared
+        let mut vols = shared
             .pool
             .volumes()
             .map_err(|e| (REP_ERR_UNKNOWN, e.to_string()))?;
+        vols.retain(|v| scope.allows(&v.name));
         match vols.as_slice() {
             [one] => one.name.clone(),
             [] => return Err((REP_ERR_UNKNOWN, "the pool has no volumes".into())),
@@ -79,6 +123,14 @@ fn resolve(shared: &Shared, requested: &str) -> Result<Export, (u32, String)> {
     } else {
         name
     };
+    if let Scope::Only { identity, .. } = scope
+        && !scope.allows(&name)
+    {
+        return Err((
+            REP_ERR_UNKNOWN,
+            format!("export {requested:?} is not among the volumes of PSK identity {identity}"),
+        ));
+    }
     let info = shared.pool.volume_info(&name).map_err(|e| {
         let kind = if e.kind() == ErrorKind::NotFound {
             REP_ERR_UNKNOWN
@@ -156,6 +208,8 @@ pub(crate) fn negotiate(
         ..State::default()
     };
     let mut tls_on = false;
+    // The PSK identity, once TLS-PSK is started.
+    let mut identity: Option<Identity> = None;
     loop {
         let mut h = [0u8; 16];
         sock.read_exact(&mut h)?;
@@ -228,7 +282,7 @@ pub(crate) fn negotiate(
                     continue;
                 }
                 send_reply(&mut sock, opt, REP_ACK, &[])?;
-                sock = pump.start(sock)?;
+                (sock, identity) = pump.start(sock)?;
                 // The plaintext end gets the same deadline for the rest of the handshake.
                 sock.set_read_timeout(Some(shared.handshake_timeout))?;
                 tls_on = true;
@@ -246,9 +300,10 @@ pub(crate) fn negotiate(
                     )?;
                     continue;
                 }
+                let scope = Scope::of(shared, identity.as_ref());
                 match shared.pool.volumes() {
                     Ok(vols) => {
-                        for v in vols {
+                        for v in vols.into_iter().filter(|v| scope.allows(&v.name)) {
                             let desc = match &v.parent {
                                 Some(p) => format!("snapshot of {p}"),
                                 None => "thin volume".to_string(),
@@ -291,7 +346,9 @@ pub(crate) fn negotiate(
                         continue;
                     }
                 };
-                if let Err((kind, msg)) = resolve(shared, &q.name) {
+                if let Err((kind, msg)) =
+                    resolve(shared, &q.name, &Scope::of(shared, identity.as_ref()))
+                {
                     send_error(&mut sock, opt, kind, &msg)?;
                     continue;
                 }
@@ -321,7 +378,8 @@ pub(crate) fn negotiate(
                         continue;
                     }
                 };
-                let export = match resolve(shared, &go.name) {
+                let export = match resolve(shared, &go.name, &Scope::of(shared, identity.as_ref()))
+                {
                     Ok(x) => x,
                     Err((kind, msg)) => {
                         send_error(&mut sock, opt, kind, &msg)?;
@@ -364,7 +422,7 @@ pub(crate) fn negotiate(
                 let Ok(name) = String::from_utf8(data) else {
                     return Ok(Outcome::Closed);
                 };
-                let export = match resolve(shared, &name) {
+                let export = match resolve(shared, &name, &Scope::of(shared, identity.as_ref())) {
                     Ok(x) => x,
                     Err((_, msg)) => {
                         // No way to answer with an error: the protocol says close.

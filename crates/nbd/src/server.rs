@@ -8,7 +8,7 @@
 //! aborts the process when a thread it did create cannot get its signal stack (the memory
 //! map limit, about 16 000 threads, is what about 1 000 connections of 16 threads each met).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub read_only: bool,
     pub snapshots_read_only: bool,
     pub tls: Option<Pump>,
+    /// PSK identities restricted to some volumes ([`NbdConfig::psk_exports`]).
+    pub psk_exports: BTreeMap<String, Vec<String>>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     /// Sockets of live connections (clones), to shut them down on stop.
@@ -85,44 +87,12 @@ fn bind_err(what: String) -> impl FnOnce(io::Error) -> Error {
 impl NbdServer {
     /// Start serving the pool's volumes on the configured sockets.
     pub fn start(pool: Arc<Pool>, cfg: &NbdConfig) -> Result<NbdServer, Error> {
-        if cfg.unix_socket.is_none() && cfg.tcp.is_none() {
-            return Err(Error::Config(
-                "give a unix socket, a TCP address or both".into(),
-            ));
-        }
-        if cfg.max_connections == 0 {
-            return Err(Error::Config(
-                "the connection limit must be at least 1".into(),
-            ));
-        }
-        if cfg.handshake_timeout.is_zero() {
-            return Err(Error::Config(
-                "the handshake timeout must be more than 0".into(),
-            ));
-        }
+        cfg.check()?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_psk) {
-            (Some(c), Some(k), None) => Some(crate::tls::load_cert(c, k)?),
-            (None, None, Some(p)) => Some(crate::tls::load_psk(p)?),
-            (None, None, None) => None,
-            (_, _, Some(_)) => {
-                return Err(Error::Config(
-                    "give either a certificate (--tls-cert/--tls-key) or a PSK file (--tls-psk), not both".into(),
-                ));
-            }
-            _ => {
-                return Err(Error::Config(
-                    "TLS needs both a certificate (--tls-cert) and its key (--tls-key)".into(),
-                ));
-            }
+            (Some(c), Some(k), _) => Some(crate::tls::load_cert(c, k)?),
+            (_, _, Some(p)) => Some(crate::tls::load_psk(p, &cfg.psk_exports)?),
+            _ => None,
         };
-        if let Some(addr) = cfg.tcp
-            && !addr.ip().is_loopback()
-            && tls.is_none()
-        {
-            return Err(Error::Config(format!(
-                "refusing to listen on {addr} without TLS: anyone who can reach it could read and write every volume; give --tls-cert/--tls-key or --tls-psk, or listen on loopback or a unix socket"
-            )));
-        }
         let pump = match tls {
             Some(cfg) => Some(Pump::new(cfg).map_err(bind_err("the TLS runtime".into()))?),
             None => None,
@@ -132,6 +102,7 @@ impl NbdServer {
             read_only: cfg.read_only,
             snapshots_read_only: cfg.snapshots_read_only,
             tls: pump,
+            psk_exports: cfg.psk_exports.clone(),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
@@ -194,6 +165,13 @@ impl NbdServer {
                 }
             })?);
             tracing::info!(tls = tls_required, "NBD server listening on TCP {local}");
+            if !tls_required {
+                // `check` let it through: the configuration asked for it in so many words.
+                tracing::warn!(
+                    "serving TCP {local} without TLS (--insecure-tcp): anyone who can reach \
+                     {local} reads and writes every volume"
+                );
+            }
         }
         Ok(server)
     }

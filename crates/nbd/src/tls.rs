@@ -3,13 +3,18 @@
 //! with the same `identity:hexkey` key files). After the client's STARTTLS is acknowledged, the raw socket goes to a pump task that terminates TLS and relays plaintext
 //! through a unix socket pair; the handshake and transmission code keep working on the pair's
 //! other end exactly as on a plain connection.
+//!
+//! The PSK identity a client proved is handed to the handshake beside the plaintext end
+//! ([`Identity`]); it is set before the first plaintext byte is relayed, so every option the
+//! client sends under TLS is judged with it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use openssl::ex_data::Index;
 use openssl::ssl::{Ssl, SslContext, SslMethod, SslOptions};
 
 use rustls::ServerConfig;
@@ -25,13 +30,24 @@ use crate::sock::Sock;
 pub(crate) enum Acceptor {
     /// x509 certificate (rustls).
     Cert(TlsAcceptor),
-    /// Pre-shared keys (OpenSSL).
-    Psk(SslContext),
+    /// Pre-shared keys (OpenSSL); the key callback records the client's identity under
+    /// `identity`.
+    Psk {
+        ctx: SslContext,
+        identity: Index<Ssl, String>,
+    },
 }
 
+/// The PSK identity of a TLS connection, once its TLS handshake has succeeded (never set for
+/// certificate TLS).
+pub(crate) type Identity = Arc<OnceLock<String>>;
+
 /// Read a PSK file: `identity:hexkey` per line (the format of GnuTLS `psktool`, used by qemu
-/// and nbdkit).
-pub(crate) fn load_psk(path: &Path) -> Result<Acceptor, Error> {
+/// and nbdkit). Every identity `restricted` names must have a key in it.
+pub(crate) fn load_psk(
+    path: &Path,
+    restricted: &BTreeMap<String, Vec<String>>,
+) -> Result<Acceptor, Error> {
     let err = |message: String| Error::Tls {
         path: path.to_path_buf(),
         message,
@@ -64,24 +80,38 @@ pub(crate) fn load_psk(path: &Path) -> Result<Acceptor, Error> {
     if keys.is_empty() {
         return Err(err("no keys in the file".into()));
     }
+    if let Some(id) = restricted
+        .keys()
+        .find(|id| !keys.contains_key(id.as_bytes()))
+    {
+        return Err(err(format!(
+            "--psk-exports names PSK identity {id}, which has no key here"
+        )));
+    }
     let ssl_err = |e: openssl::error::ErrorStack| err(format!("OpenSSL: {e}"));
     let mut b = SslContext::builder(SslMethod::tls_server()).map_err(ssl_err)?;
     b.set_options(SslOptions::NO_TICKET);
     // TLS 1.2 PSK suites; TLS 1.3 uses the same callback with its SHA-256 suites.
     b.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!NULL")
         .map_err(ssl_err)?;
-    b.set_psk_server_callback(move |_ssl, identity, out| {
-        let key = identity.and_then(|id| keys.get(id));
+    let index = Ssl::new_ex_index::<String>().map_err(ssl_err)?;
+    b.set_psk_server_callback(move |ssl, identity, out| {
+        let key = identity.and_then(|id| Some((id, keys.get(id)?)));
         match key {
-            Some(k) if k.len() <= out.len() => {
+            Some((id, k)) if k.len() <= out.len() => {
                 out[..k.len()].copy_from_slice(k);
+                // Known identities come from the (UTF-8) file.
+                ssl.set_ex_data(index, String::from_utf8_lossy(id).into_owned());
                 Ok(k.len())
             }
             // Unknown identity: a zero-length key makes the handshake fail.
             _ => Ok(0),
         }
     });
-    Ok(Acceptor::Psk(b.build()))
+    Ok(Acceptor::Psk {
+        ctx: b.build(),
+        identity: index,
+    })
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -140,9 +170,12 @@ impl Pump {
         Ok(Pump { rt, acceptor })
     }
 
-    /// Start TLS on `raw` (the client speaks TLS next); returns the plaintext end.
-    pub fn start(&self, raw: Sock) -> std::io::Result<Sock> {
+    /// Start TLS on `raw` (the client speaks TLS next); returns the plaintext end and where
+    /// the client's PSK identity will be (`None` with a certificate).
+    pub fn start(&self, raw: Sock) -> std::io::Result<(Sock, Option<Identity>)> {
         let (ours, theirs) = UnixStream::pair()?;
+        let identity = matches!(self.acceptor, Acceptor::Psk { .. }).then(Identity::default);
+        let id = identity.clone();
         theirs.set_nonblocking(true)?;
         let acceptor = self.acceptor.clone();
         self.rt.spawn(async move {
@@ -151,11 +184,13 @@ impl Pump {
                 match raw {
                     Sock::Tcp(s) => {
                         s.set_nonblocking(true)?;
-                        accept(&acceptor, tokio::net::TcpStream::from_std(s)?, plain).await
+                        let raw = tokio::net::TcpStream::from_std(s)?;
+                        accept(&acceptor, raw, plain, id).await
                     }
                     Sock::Unix(s) => {
                         s.set_nonblocking(true)?;
-                        accept(&acceptor, tokio::net::UnixStream::from_std(s)?, plain).await
+                        let raw = tokio::net::UnixStream::from_std(s)?;
+                        accept(&acceptor, raw, plain, id).await
                     }
                 }
             }
@@ -164,7 +199,7 @@ impl Pump {
                 tracing::info!("TLS connection ended: {e}");
             }
         });
-        Ok(Sock::Unix(ours))
+        Ok((Sock::Unix(ours), identity))
     }
 }
 
@@ -172,19 +207,24 @@ async fn accept<S>(
     acceptor: &Acceptor,
     raw: S,
     plain: tokio::net::UnixStream,
+    id: Option<Identity>,
 ) -> std::io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     match acceptor {
         Acceptor::Cert(a) => relay(a.accept(raw).await?, plain).await,
-        Acceptor::Psk(ctx) => {
+        Acceptor::Psk { ctx, identity } => {
             let ssl = Ssl::new(ctx).map_err(std::io::Error::other)?;
             let mut s = tokio_openssl::SslStream::new(ssl, raw).map_err(std::io::Error::other)?;
             Pin::new(&mut s)
                 .accept()
                 .await
                 .map_err(|e| std::io::Error::other(format!("TLS-PSK handshake: {e}")))?;
+            // Before any plaintext is relayed: the handshake judges every option with it.
+            if let (Some(slot), Some(who)) = (id, s.ssl().ex_data(*identity)) {
+                let _ = slot.set(who.clone());
+            }
             relay(s, plain).await
         }
     }
