@@ -474,3 +474,214 @@ fn malformed_sizes_say_what_to_write() {
         "{e}"
     );
 }
+
+/// `thinpool up` on `root` (its pool exists), once its sockets are there.
+fn up_daemon(root: &Path) -> std::process::Child {
+    use std::time::{Duration, Instant};
+    let mut c = thinpool(["--root".as_ref(), root.as_os_str(), "up".as_ref()]);
+    c.env_remove("THINPOOL_ROOT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("start thinpool up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(root.join("nbd.sock").exists() && root.join("control.sock").exists()) {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!("thinpool up exited ({status}): {}", text(&out.stderr));
+        }
+        assert!(Instant::now() < deadline, "thinpool up did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// SIGTERM `thinpool up`, expect exit 0.
+fn stop_daemon(child: std::process::Child) {
+    run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "thinpool up: {}", text(&out.stderr));
+}
+
+/// `pool check` with the hold hook at `hold` (see [`held_by`]).
+fn check_with_hold_hook(r: &Root, hold: &Path) -> std::process::Child {
+    r.cmd(&["pool", "check"])
+        .env("THINPOOL_TEST_CHECK_HOLD_FILE", hold)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pool check")
+}
+
+/// Once `check` holds its snapshot, the held root it names in `hold`.
+fn held_by(check: &mut std::process::Child, hold: &Path) -> u64 {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(hold)
+            && let Ok(h) = s.trim().parse::<u64>()
+        {
+            return h;
+        }
+        if Instant::now() >= deadline {
+            let _ = check.kill();
+            panic!("pool check did not reserve a snapshot in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 15: with a daemon, `pool check` reserves a metadata snapshot (the superblock's
+/// `held_root`), checks it while fio writes through NBD, and releases it; a check killed
+/// while holding one leaves it held, which `thin_check` and `thin_dump --metadata-snap` accept
+/// and the next daemon releases at the next check; Ctrl-C/SIGTERM release it; `--repair`
+/// is refused while the daemon runs.
+#[test]
+fn online_check_holds_a_metadata_snapshot_while_clients_write() {
+    if !thinpool_tests::require_tools(&["fio", "qemu-io", "thin_check", "thin_dump"]) {
+        return;
+    }
+    let r = Root::new();
+    let daemon = up_daemon(&r.path);
+    r.ok(&["vol", "create", "v", "--size", "512M"]);
+    let uri = format!("nbd+unix:///v?socket={}", r.path.join("nbd.sock").display());
+    run_ok(thinpool_tests::tool("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 4M", &uri]));
+    let held_root = |r: &Root| r.json(&["pool", "status", "--json"])["held_root"].clone();
+
+    // fio writes (and verifies) while checks run.
+    let fio_dir = scratch();
+    let fio = thinpool_tests::nbd::spawn_fio_verify("check", &uri, fio_dir.path());
+    let out = r.run(&["pool", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("TRANSACTION_ID="));
+    assert_eq!(held_root(&r), Value::Null);
+
+    // Paused while held: the status names the held root, and a copy of the metadata taken
+    // now holds a snapshot thin_dump reads.
+    let hold = r.dir.path().join("hold");
+    let mut check = check_with_hold_hook(&r, &hold);
+    let h = held_by(&mut check, &hold);
+    assert_eq!(held_root(&r), Value::from(h));
+    let copy = r.dir.path().join("metadata.copy");
+    std::fs::copy(r.metadata(), &copy).unwrap();
+    let dump = text(
+        &run_ok(
+            thinpool_tests::tool("thin_dump")
+                .arg("--metadata-snap")
+                .arg(&copy),
+        )
+        .stdout,
+    );
+    assert!(dump.contains("<device dev_id="), "{dump}");
+    std::fs::remove_file(&hold).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("TRANSACTION_ID="));
+    assert_eq!(held_root(&r), Value::Null);
+
+    // SIGTERM while held: released on the way out.
+    let mut check = check_with_hold_hook(&r, &hold);
+    held_by(&mut check, &hold);
+    run_ok(Command::new("kill").args(["-TERM", &check.id().to_string()]));
+    let out = check.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("was released"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(held_root(&r), Value::Null);
+    std::fs::remove_file(&hold).unwrap();
+
+    // --repair with the daemon: refused.
+    let out = r.run(&["pool", "check", "--repair"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("repairing the pool at"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && !text(&out.stdout).contains("verify: bad"),
+        "fio: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    // SIGKILL while held: the snapshot stays held, and the next check of this daemon is busy.
+    let mut check = check_with_hold_hook(&r, &hold);
+    let h = held_by(&mut check, &hold);
+    check.kill().unwrap();
+    check.wait().unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    assert_eq!(held_root(&r), Value::from(h));
+    let out = r.run(&["pool", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("already held"),
+        "{}",
+        text(&out.stderr)
+    );
+    stop_daemon(daemon);
+    // Offline, with the held root: thin_check is clean and thin_dump reads the snapshot.
+    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+    run_ok(
+        thinpool_tests::tool("thin_dump")
+            .arg("--metadata-snap")
+            .arg(r.metadata()),
+    );
+    assert_eq!(r.run(&["pool", "check"]).status.code(), Some(0));
+    // The next daemon releases what the earlier one left at its first check.
+    let daemon = up_daemon(&r.path);
+    let out = r.run(&["pool", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(held_root(&r), Value::Null);
+    stop_daemon(daemon);
+    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+}
+
+/// Issue 15: `pool check --repair` offline: a clean pool is left alone; damaged metadata is
+/// rebuilt in place, the damaged file kept beside it, and the result passes `thin_check`.
+#[test]
+fn pool_check_repair_offline() {
+    if !thinpool_tests::require_tools(&["thin_check"]) {
+        return;
+    }
+    let r = Root::new();
+    r.populate();
+    let out = r.run(&["pool", "check", "--repair"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nothing to repair"),
+        "{}",
+        text(&out.stderr)
+    );
+    let damaged = r.metadata().with_file_name("metadata.damaged");
+    assert!(!damaged.exists());
+
+    // A wrong superblock checksum: the check fails; the repair rebuilds from what it finds.
+    let mut meta = std::fs::read(r.metadata()).unwrap();
+    for b in &mut meta[..4] {
+        *b ^= 0xFF;
+    }
+    std::fs::write(r.metadata(), &meta).unwrap();
+    assert_eq!(r.run(&["pool", "check"]).status.code(), Some(1));
+    let out = r.run(&["pool", "check", "--repair"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("was repaired"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&damaged).unwrap(), meta);
+    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+    assert_eq!(r.run(&["pool", "check"]).status.code(), Some(0));
+    assert!(r.ok(&["vol", "ls"]).contains("img"));
+}

@@ -75,9 +75,11 @@ pub enum PoolCommand {
     /// damaged.
     ///
     /// Without a daemon the pool's lock is taken for the check (the pool itself is not opened,
-    /// so metadata too damaged to open is still reported on). With a daemon, the daemon commits
-    /// and the committed metadata is checked read-only while writes go on; a commit that races
-    /// with the check is detected and damage seen during one is checked again once.
+    /// so metadata too damaged to open is still reported on). With a daemon, the daemon
+    /// commits and reserves a metadata snapshot (dm-thin's `reserve_metadata_snap`), whose
+    /// trees are checked read-only while clients go on writing, then released (also on an
+    /// error or Ctrl-C). Online, the space maps' reference counts are not checked (they go on
+    /// changing; as `thin_check -m`): stop the daemon for a full check.
     ///
     /// A pool whose metadata is flagged NEEDS_CHECK (it failed in a way the abort could not
     /// undo) stays read-only until a clean check with --clear-needs-check-flag clears the flag.
@@ -85,8 +87,13 @@ pub enum PoolCommand {
         /// After a clean check, clear the superblock's NEEDS_CHECK flag (only its flags word
         /// and checksum are written), like thin_check's option; errors leave it set. Only
         /// while no daemon has the pool open.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "repair")]
         clear_needs_check_flag: bool,
+        /// Check, and when the metadata is damaged rebuild it (`thinpool meta repair`, like
+        /// thin_repair) into a new file that replaces it; the damaged metadata is kept beside
+        /// it as `pool/metadata.damaged`. Only while no daemon has the pool open.
+        #[arg(long)]
+        repair: bool,
     },
     /// Grow the data and/or metadata files (online; never shrinks). Without sizes, pick up
     /// the current sizes of the underlying devices (after growing a block device or LV).
@@ -118,7 +125,8 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
     match cmd {
         PoolCommand::Check {
             clear_needs_check_flag,
-        } => crate::check::run(root, clear_needs_check_flag),
+            repair,
+        } => crate::check::run(root, clear_needs_check_flag, repair),
         PoolCommand::Create(args) => {
             let cfg = args.config();
             if let Some(c) = client::daemon(root)? {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use crate::proto::{
-    ErrorKind, Hello, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
-    write_frame,
+    ErrorKind, Hello, MAX_RESPONSE_LEN, MetadataSnapStep, PROTOCOL_VERSION, Request, Response,
+    read_frame, write_frame,
 };
 use crate::types::{
     Attachment, CommittedMetadata, DataMoved, LayerMount, LayerSnapshot, LayerUsage, PoolStatus,
@@ -402,7 +402,26 @@ impl Client {
     /// Commit, and learn where the committed metadata is, to check it read-only (see
     /// [`Request::PoolCheck`]). Durable when this returns.
     pub fn pool_check(&mut self) -> Result<CommittedMetadata> {
-        self.call_as(&Request::PoolCheck)
+        self.call_as(&Request::PoolCheck {
+            metadata_snap: None,
+        })
+    }
+
+    /// Commit and reserve a metadata snapshot to check (see [`MetadataSnapStep::Reserve`]);
+    /// the answer's `held_root` names it. Durable when this returns.
+    pub fn reserve_metadata_snap(&mut self) -> Result<CommittedMetadata> {
+        self.call_as(&Request::PoolCheck {
+            metadata_snap: Some(MetadataSnapStep::Reserve),
+        })
+    }
+
+    /// Release the metadata snapshot reserved at `held_root` (see
+    /// [`MetadataSnapStep::Release`]). Durable when this returns.
+    pub fn release_metadata_snap(&mut self, held_root: u64) -> Result<()> {
+        self.call(&Request::PoolCheck {
+            metadata_snap: Some(MetadataSnapStep::Release { held_root }),
+        })
+        .map(drop)
     }
 
     /// Move the pool's data onto `path` (see [`Request::PoolMoveData`]). Blocks until the

@@ -45,8 +45,8 @@ mod types;
 
 pub use client::{Client, Error, Result};
 pub use proto::{
-    ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, PROTOCOL_VERSION, Request,
-    Response, SOCKET_NAME, read_frame, socket_path, write_frame,
+    ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, MetadataSnapStep,
+    PROTOCOL_VERSION, Request, Response, SOCKET_NAME, read_frame, socket_path, write_frame,
 };
 pub use types::{
     Attachment, CommittedMetadata, DataMoved, FsResized, LayerMount, LayerSnapshot, LayerUsage,

@@ -182,10 +182,17 @@ pub enum Request {
     /// read-only; answered with a [`CommittedMetadata`](crate::CommittedMetadata).
     ///
     /// The daemon links no metadata code (it sees only the engine's API), so the check itself
-    /// runs in the client (`thinpool pool check`), on the committed state. Writes go on
-    /// meanwhile: a commit during the check can make it see blocks of two transactions, which
-    /// the client detects (the superblock changed) and answers by checking again.
-    PoolCheck,
+    /// runs in the client (`thinpool pool check`). With `metadata_snap` absent (protocol 1
+    /// clients) the client checks the committed state while writes go on. With
+    /// [`MetadataSnapStep::Reserve`] the daemon also reserves a metadata snapshot (dm-thin's
+    /// `reserve_metadata_snap`: a frozen copy of the trees, named by the superblock's
+    /// `held_root`), which the client checks while writes go on, then gives back with
+    /// [`MetadataSnapStep::Release`].
+    PoolCheck {
+        /// What to do with the held metadata snapshot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metadata_snap: Option<MetadataSnapStep>,
+    },
     /// Move the pool's data onto another file or block device, online (`<root>/pool/data`
     /// becomes a symlink to it); answered, when done, with a [`DataMoved`](crate::DataMoved).
     /// Blocks for as long as the copy takes.
@@ -209,7 +216,7 @@ impl Request {
             Request::VolumeResize { .. } => "volume_resize",
             Request::PoolGrow { .. } => "pool_grow",
             Request::Commit => "commit",
-            Request::PoolCheck => "pool_check",
+            Request::PoolCheck { .. } => "pool_check",
             Request::PoolMoveData { .. } => "pool_move_data",
             Request::VolumeAttach { .. } => "volume_attach",
             Request::VolumeDetach { .. } => "volume_detach",
@@ -224,6 +231,23 @@ impl Request {
             Request::SnapshotResize { .. } => "snapshot_resize",
         }
     }
+}
+
+/// A step of an online check on a held metadata snapshot ([`Request::PoolCheck`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum MetadataSnapStep {
+    /// Commit and reserve a metadata snapshot; the answer names it (`held_root`). A snapshot
+    /// still held from an earlier run of the daemon (one that stopped or crashed before
+    /// releasing it) is released first; one reserved since this daemon opened the pool is
+    /// `busy` (another check runs).
+    Reserve,
+    /// Release the snapshot reserved at `held_root` (`invalid_argument` when that is not the
+    /// one held).
+    Release {
+        /// The held root the reserve answered with.
+        held_root: u64,
+    },
 }
 
 /// The answer to one request. On the wire: `{"status":"ok","value":…}` or
@@ -420,7 +444,15 @@ mod tests {
                 metadata_size: None,
             },
             Request::Commit,
-            Request::PoolCheck,
+            Request::PoolCheck {
+                metadata_snap: None,
+            },
+            Request::PoolCheck {
+                metadata_snap: Some(MetadataSnapStep::Reserve),
+            },
+            Request::PoolCheck {
+                metadata_snap: Some(MetadataSnapStep::Release { held_root: 13 }),
+            },
         ];
         for r in all {
             let s = serde_json::to_string(&r).unwrap();

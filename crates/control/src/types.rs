@@ -152,6 +152,10 @@ pub struct CommittedMetadata {
     pub metadata_path: PathBuf,
     /// The transaction id of the commit just made.
     pub transaction_id: u64,
+    /// The block of the metadata snapshot reserved for the check (the superblock's
+    /// `held_root`), after [`MetadataSnapStep::Reserve`](crate::MetadataSnapStep::Reserve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_root: Option<u64>,
 }
 
 /// The answer to [`Request::PoolMoveData`](crate::Request::PoolMoveData): the engine's

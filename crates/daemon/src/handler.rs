@@ -2,7 +2,7 @@
 //! [`Response`], mapping the engine's error kinds onto the protocol's.
 
 use serde::Serialize;
-use thinpool_control::{CommittedMetadata, ErrorKind, Hello, Request, Response};
+use thinpool_control::{CommittedMetadata, ErrorKind, Hello, MetadataSnapStep, Request, Response};
 use thinpool_engine::Pool;
 
 use crate::layers::Layers;
@@ -126,7 +126,13 @@ pub(crate) fn handle(
             metadata_size,
         } => answer(pool.grow(data_size, metadata_size)),
         Request::Commit => answer(pool.commit()),
-        Request::PoolCheck => answer(committed_metadata(pool)),
+        Request::PoolCheck { metadata_snap } => match metadata_snap {
+            None => answer(committed_metadata(pool)),
+            Some(MetadataSnapStep::Reserve) => answer(reserve_for_check(pool)),
+            Some(MetadataSnapStep::Release { held_root }) => {
+                answer(release_after_check(pool, held_root))
+            }
+        },
         Request::PoolMoveData { path } => answer(pool.move_data(&path, &|_, _| {})),
     }
 }
@@ -152,7 +158,59 @@ fn committed_metadata(pool: &Pool) -> thinpool_engine::Result<CommittedMetadata>
     Ok(CommittedMetadata {
         metadata_path: status.metadata_path,
         transaction_id: status.transaction_id,
+        held_root: None,
     })
+}
+
+/// Commit and reserve a metadata snapshot for `thinpool pool check` to check while writes go
+/// on (the kernel's `reserve_metadata_snap`; the engine commits before and after it).
+///
+/// A snapshot found held when the pool was opened was left by an earlier run (a daemon or a
+/// check that died before releasing it): nothing can still be reading it through this daemon,
+/// so it is released and a new one reserved. One reserved since this daemon opened the pool
+/// belongs to a check still running, or to one killed before it could release it; that is
+/// refused as busy, and the message says how to get rid of it.
+fn reserve_for_check(pool: &Pool) -> thinpool_engine::Result<CommittedMetadata> {
+    use thinpool_engine::Error;
+    match pool.held_metadata_snap() {
+        Some((h, false)) => {
+            tracing::warn!(
+                held_root = h,
+                "releasing the metadata snapshot an earlier run left held (at block {h})"
+            );
+            pool.release_metadata_snap()?;
+        }
+        Some((h, true)) => {
+            return Err(Error::Busy(format!(
+                "a metadata snapshot is already held (block {h}) by another `thinpool pool \
+                 check`; if none is running, one was killed before releasing it: restarting \
+                 the daemon releases it"
+            )));
+        }
+        None => {}
+    }
+    let held_root = pool.reserve_metadata_snap()?;
+    let status = pool.status()?;
+    Ok(CommittedMetadata {
+        metadata_path: status.metadata_path,
+        transaction_id: status.transaction_id,
+        held_root: Some(held_root),
+    })
+}
+
+/// Release the snapshot [`reserve_for_check`] reserved at `held_root`; refused (invalid
+/// argument) when that is not the one held, so a late release from a check never drops
+/// another check's snapshot.
+fn release_after_check(pool: &Pool, held_root: u64) -> thinpool_engine::Result<()> {
+    match pool.held_metadata_snap() {
+        Some((h, _)) if h == held_root => pool.release_metadata_snap(),
+        other => Err(thinpool_engine::Error::InvalidArgument(format!(
+            "no metadata snapshot is held at block {held_root} ({})",
+            other.map_or("none is held".to_string(), |(h, _)| format!(
+                "the one held is at block {h}"
+            ))
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -255,10 +313,50 @@ mod tests {
             },
         ));
         ok(handle(&p, &m, &l, &h, Request::Commit));
-        let v = ok(handle(&p, &m, &l, &h, Request::PoolCheck));
+        let check = |metadata_snap| Request::PoolCheck { metadata_snap };
+        let v = ok(handle(&p, &m, &l, &h, check(None)));
         let c: CommittedMetadata = serde_json::from_value(v).unwrap();
         assert_eq!(c.metadata_path, dir.path().join("pool").join("metadata"));
         assert_eq!(c.transaction_id, p.status().unwrap().transaction_id);
+        assert_eq!(c.held_root, None);
+        let v = ok(handle(
+            &p,
+            &m,
+            &l,
+            &h,
+            check(Some(MetadataSnapStep::Reserve)),
+        ));
+        let c: CommittedMetadata = serde_json::from_value(v).unwrap();
+        let held = c.held_root.expect("a held root");
+        assert_eq!(p.status().unwrap().held_root, Some(held));
+        let busy = handle(&p, &m, &l, &h, check(Some(MetadataSnapStep::Reserve)));
+        assert!(
+            matches!(
+                &busy,
+                Response::Error {
+                    kind: ErrorKind::Busy,
+                    ..
+                }
+            ),
+            "{busy:?}"
+        );
+        let wrong = MetadataSnapStep::Release {
+            held_root: held + 1,
+        };
+        let r = handle(&p, &m, &l, &h, check(Some(wrong)));
+        assert!(
+            matches!(
+                &r,
+                Response::Error {
+                    kind: ErrorKind::InvalidArgument,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        let release = MetadataSnapStep::Release { held_root: held };
+        ok(handle(&p, &m, &l, &h, check(Some(release))));
+        assert_eq!(p.status().unwrap().held_root, None);
         let v = ok(handle(&p, &m, &l, &h, Request::PoolStatus));
         assert_eq!(v["total_data_blocks"], 128 * 16);
         assert_eq!(v["volumes"], 1);

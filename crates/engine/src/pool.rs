@@ -163,6 +163,9 @@ pub(crate) struct MetaState {
     /// The last failure of a write or commit because the host file system under a pool file
     /// is full, until a commit succeeds again.
     pub host_full: Option<String>,
+    /// Whether the held metadata snapshot (if any) was reserved through this open of the
+    /// pool; one found held at open was left by an earlier run.
+    pub snap_reserved_here: bool,
 }
 
 impl MetaState {
@@ -688,6 +691,7 @@ impl Pool {
                 failure: None,
                 dropped: (0, String::new()),
                 host_full: None,
+                snap_reserved_here: false,
             }),
             space: Condvar::new(),
             catalog: Mutex::new(catalog),
@@ -1220,7 +1224,18 @@ impl Pool {
         }
         let h = st.md.reserve_metadata_snap()?;
         st.dirty = false;
+        st.snap_reserved_here = true;
         Ok(h)
+    }
+
+    /// The held metadata snapshot, if any: its block (the superblock's `held_root`) and
+    /// whether it was reserved through this open of the pool (`false`: it was found held when
+    /// the pool was opened, left by an earlier run that did not release it, e.g. a crash; the
+    /// kernel keeps such a snapshot across restarts, and so does the engine: it only pins
+    /// metadata blocks). O(1), no I/O.
+    pub fn held_metadata_snap(&self) -> Option<(u64, bool)> {
+        let st = self.inner.md();
+        st.md.held_root().map(|h| (h, st.snap_reserved_here))
     }
 
     /// Drop the metadata snapshot.
@@ -1234,6 +1249,7 @@ impl Pool {
         }
         st.md.release_metadata_snap()?;
         st.dirty = false;
+        st.snap_reserved_here = false;
         Ok(())
     }
 
