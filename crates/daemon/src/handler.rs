@@ -522,4 +522,36 @@ mod tests {
         drop(l.take());
         std::sync::Arc::try_unwrap(p).ok().unwrap().close().unwrap();
     }
+
+    /// A snapshot left held by an earlier run (a daemon or a check that died) is released at
+    /// the next reserve instead of making every later check busy.
+    #[test]
+    fn a_snapshot_an_earlier_run_left_held_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        let left = p.reserve_metadata_snap().unwrap();
+        assert_eq!(p.held_metadata_snap(), Some((left, true)));
+        p.close().unwrap();
+        let p = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        assert_eq!(p.held_metadata_snap(), Some((left, false)));
+        let (m, l, h) = (Mounts::load(dir.path()), Layers::default(), hello());
+        let reserve = Request::PoolCheck {
+            metadata_snap: Some(MetadataSnapStep::Reserve),
+        };
+        let Response::Ok { value } = handle(&p, &m, &l, &h, reserve) else {
+            panic!("reserve refused");
+        };
+        let c: CommittedMetadata = serde_json::from_value(value).unwrap();
+        let held = c.held_root.expect("a held root");
+        assert_eq!(p.held_metadata_snap(), Some((held, true)));
+        let release = Request::PoolCheck {
+            metadata_snap: Some(MetadataSnapStep::Release { held_root: held }),
+        };
+        assert!(matches!(
+            handle(&p, &m, &l, &h, release),
+            Response::Ok { .. }
+        ));
+        assert_eq!(p.held_metadata_snap(), None);
+        p.close().unwrap();
+    }
 }
