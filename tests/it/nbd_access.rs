@@ -117,11 +117,12 @@ fn psk_uri(port: u16, id: &str, dir: &Path, export: &str) -> String {
 
 /// `--psk-exports`: alice sees a and c, carol only b (and gets it for the empty name), bob,
 /// not named, sees all; a volume out of an identity's scope is unknown to it, exactly as a
-/// volume that does not exist. Identities without a key and restrictions without PSK are
-/// refused at start.
+/// volume that does not exist (nbdinfo, and libnbd's option mode for `NBD_OPT_INFO` and
+/// `NBD_OPT_LIST_META_CONTEXT`); the log names the identity of each connection. Identities
+/// without a key and restrictions without PSK are refused at start.
 #[test]
 fn psk_identities_see_only_their_volumes() {
-    if !require_tools(&["nbdinfo", "thin_check"]) {
+    if !require_tools(&["nbdinfo", "nbdsh", "thin_check"]) {
         return;
     }
     let r = PoolRoot::new(&[("a", "16M"), ("b", "16M"), ("c", "16M")]);
@@ -207,6 +208,47 @@ fn psk_identities_see_only_their_volumes() {
     // bob is not restricted.
     let j = nbdinfo_json(&[&psk_uri(port, "bob", &dir, "b")]);
     assert_eq!(j["exports"][0]["export-size"], 16 << 20, "{j}");
+    // Option by option on one connection (libnbd's option mode): NBD_OPT_INFO and
+    // NBD_OPT_LIST_META_CONTEXT answer for a and refuse b exactly as a name no volume has;
+    // NBD_OPT_GO then opens c and reads it.
+    let out = nbdsh_ok(&format!(
+        r#"
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_psk_file("{keys}")
+h.set_tls_username("alice")
+h.set_opt_mode(True)
+h.connect_tcp("127.0.0.1", "{port}")
+def ask(name):
+    h.set_export_name(name)
+    try:
+        h.opt_info()
+        info = h.get_size()
+    except nbd.Error as e:
+        info = e.errno
+    seen = []
+    try:
+        meta = h.opt_list_meta_context(lambda ctx: seen.append(ctx))
+    except nbd.Error as e:
+        meta = e.errno
+    return info, meta, seen
+a, b, nosuch = ask("a"), ask("b"), ask("nosuch")
+assert a == ({size}, 1, ["base:allocation"]), a
+assert b[0] in ("ENOENT", errno.ENOENT), b
+assert b == nosuch, (b, nosuch)
+h.set_export_name("c")
+h.opt_go()
+assert len(h.pread(4096, 0)) == 4096
+print("ok")
+"#,
+        size = 16 << 20
+    ));
+    assert_eq!(out.trim(), "ok");
+    let log = srv.log_text();
+    assert!(
+        log.contains("client connected conn=")
+            && log.contains("volume=\"c\" psk_identity=\"alice\""),
+        "the connection's log line does not name its PSK identity:\n{log}"
+    );
     srv.stop();
     r.thin_check();
 }

@@ -18,6 +18,8 @@ pub(crate) struct Session {
     pub base_allocation: bool,
     /// Transmission flags sent to the client.
     pub flags: u16,
+    /// The client's TLS-PSK identity, if it proved one.
+    pub identity: Option<String>,
 }
 
 /// How the handshake ended.
@@ -159,8 +161,9 @@ fn resolve(shared: &Shared, requested: &str, scope: &Scope) -> Result<Export, (u
 
 impl Export {
     /// Transmission on this export, with what was negotiated for the name the client asked for.
-    fn into_session(self, requested: &str, st: &State) -> Session {
+    fn into_session(self, requested: &str, st: &State, identity: Option<&Identity>) -> Session {
         Session {
+            identity: identity.and_then(|i| i.get().cloned()),
             flags: transmission_flags(self.read_only, st.structured),
             base_allocation: st.meta_for.as_deref() == Some(requested),
             volume: self.volume,
@@ -415,7 +418,10 @@ pub(crate) fn negotiate(
                 )?;
                 send_reply(&mut sock, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Outcome::Transmit(sock, export.into_session(&go.name, &st)));
+                    return Ok(Outcome::Transmit(
+                        sock,
+                        export.into_session(&go.name, &st, identity.as_ref()),
+                    ));
                 }
             }
             OPT_EXPORT_NAME => {
@@ -438,7 +444,10 @@ pub(crate) fn negotiate(
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 sock.write_all(&reply)?;
-                return Ok(Outcome::Transmit(sock, export.into_session(&name, &st)));
+                return Ok(Outcome::Transmit(
+                    sock,
+                    export.into_session(&name, &st, identity.as_ref()),
+                ));
             }
             _ => {
                 send_error(

@@ -482,6 +482,7 @@ fn run_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool, id: u64)
     tracing::info!(
         conn = id,
         volume = session.volume.name(),
+        psk_identity = session.identity.as_deref(),
         read_only = session.read_only,
         structured = session.structured,
         flags = session.flags,
