@@ -57,6 +57,10 @@ pub(crate) struct Shared {
     pub handshake_timeout: Duration,
     /// Connections open (accepted and not yet ended).
     open: AtomicUsize,
+    /// The places under the limit of the connections open: a connection's thread gives its
+    /// own back when it ends, the watchdog before it closes a late one (so that a client who
+    /// sees that close finds the place free).
+    slots: Mutex<HashMap<u64, Slot>>,
     refusals: Mutex<Refusals>,
     /// Handshake deadlines of the connections still handshaking, for the watchdog.
     deadlines: Mutex<HashMap<u64, Instant>>,
@@ -106,6 +110,7 @@ impl NbdServer {
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
             max_connections: cfg.max_connections,
             handshake_timeout: cfg.handshake_timeout,
@@ -271,6 +276,11 @@ fn watch_handshakes(shared: &Shared) {
             }
             // Shutting the socket down wakes the connection's thread, which then ends (a TLS
             // connection's pump sees it too and closes the plaintext end).
+            if let Ok(mut slots) = shared.slots.lock() {
+                for id in &late {
+                    slots.remove(id);
+                }
+            }
             if let Ok(live) = shared.live.lock() {
                 for id in &late {
                     if let Some(s) = live.get(id) {
@@ -306,13 +316,15 @@ fn watch_handshakes(shared: &Shared) {
     }
 }
 
-/// A connection's place under the limit: given back when the connection ends (or its thread
-/// could not start).
-struct Slot(Arc<Shared>);
+/// A connection's place under the limit: given back when dropped (its connection ended, was
+/// closed by the watchdog, or its thread could not start). Weak: `Shared` holds the slots.
+struct Slot(std::sync::Weak<Shared>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        if let Some(shared) = self.0.upgrade() {
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -328,7 +340,7 @@ impl Shared {
             })
             .is_ok();
         let Ok(mut r) = self.refusals.lock() else {
-            return admitted.then(|| Slot(self.clone()));
+            return admitted.then(|| Slot(Arc::downgrade(self)));
         };
         if admitted {
             if r.reported.take().is_some() {
@@ -338,7 +350,7 @@ impl Shared {
                 );
                 r.count = 0;
             }
-            return Some(Slot(self.clone()));
+            return Some(Slot(Arc::downgrade(self)));
         }
         r.count += 1;
         if r.reported
@@ -402,6 +414,9 @@ fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
         .lock()
         .expect("connection table poisoned")
         .insert(id, clone);
+    if let Ok(mut slots) = shared.slots.lock() {
+        slots.insert(id, slot);
+    }
     if let Ok(mut d) = shared.deadlines.lock() {
         d.insert(id, Instant::now() + shared.handshake_timeout);
     }
@@ -410,12 +425,14 @@ fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
     let r = std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
-            let _slot = slot;
             run_connection(&sh, sock, tls_required, id);
             sh.live
                 .lock()
                 .expect("connection table poisoned")
                 .remove(&id);
+            if let Ok(mut slots) = sh.slots.lock() {
+                slots.remove(&id);
+            }
         });
     match r {
         Ok(h) => {
@@ -427,6 +444,9 @@ fn start_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool) {
             tracing::warn!(conn = id, "cannot start a thread for the connection: {e}");
             if let Ok(mut d) = shared.deadlines.lock() {
                 d.remove(&id);
+            }
+            if let Ok(mut slots) = shared.slots.lock() {
+                slots.remove(&id);
             }
             let mut live = shared.live.lock().expect("connection table poisoned");
             if let Some(s) = live.remove(&id) {
