@@ -598,6 +598,13 @@ fn grown_container_exports_and_imports_into_another_pool() {
             f.check("the filesystem did not change", df(m) == before);
         }
     });
+    if !may_grow_ext4_online() {
+        // The daemon forgets what it could not grow when it restarts: a resize to the same
+        // size, unmounted, grows the filesystem (found smaller than its volume).
+        a.up.stop();
+        a.up.spawn(&big_pool);
+        a.up.ok(&["container", "resize", "grown", "20G"]);
+    }
     let listed = a.up.json(&["container", "ls", "--json"])[0]["size"].as_u64();
     f.check(
         &format!("container ls: 20 GiB ({listed:?})"),

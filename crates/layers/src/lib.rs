@@ -522,15 +522,18 @@ impl LayerStore {
             None => None,
         };
         if size == s.size {
-            if mounted.is_none() && st.unfilled.contains(key) {
-                filesystem::resize_offline(FsType::Ext4, device.as_ref().unwrap_or(&file), size)?;
-                st.unfilled.remove(key);
+            // Same size: an unmounted filesystem smaller than its volume (a growth the kernel
+            // refused while mounted, even before a restart) is grown to fill it.
+            let path = device.as_ref().unwrap_or(&file);
+            if mounted.is_none() && filesystem::ext_size(path)? < size {
+                filesystem::resize_offline(FsType::Ext4, path, size)?;
             }
+            st.unfilled.remove(key);
             return Ok(s);
         }
         self.pool.resize_volume(&s.volume, size)?;
         // A mounted filesystem the kernel refuses to grow: the volume keeps its new size (the
-        // filesystem fills it when next mounted, see `fill_device`); the caller hears why.
+        // filesystem fills it before its next mount, see `mounts`); the caller hears why.
         let mut refused = None;
         if let (Some(device), Some(dir)) = (&device, &mounted) {
             loopdev::refresh(device)?;
