@@ -50,8 +50,39 @@ pub fn detach(device: &Path) -> Result<()> {
 }
 
 /// Have `device` take its file's current size (after the volume grew).
+///
+/// The loop driver reads the size from its file's inode, which for a file of a FUSE mount is
+/// only as fresh as the last attribute lookup: the file is looked up (stat) first, and the
+/// device's new size checked against it, a few times, before giving up with the two sizes.
 pub fn refresh(device: &Path) -> Result<()> {
-    tool::run("losetup", &["--set-capacity".as_ref(), device.as_os_str()]).map(drop)
+    let file = list()
+        .into_iter()
+        .find(|l| l.device == device)
+        .map(|l| l.backing_file);
+    let mut tries = 0;
+    loop {
+        let want = file
+            .as_ref()
+            .and_then(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len());
+        tool::run("losetup", &["--set-capacity".as_ref(), device.as_os_str()])?;
+        let (Some(want), Ok(got)) = (want, size(device)) else {
+            return Ok(());
+        };
+        // The device counts whole 512-byte sectors.
+        if got >= want / 512 * 512 {
+            return Ok(());
+        }
+        tries += 1;
+        if tries == 5 {
+            return Err(Error::Tool {
+                command: format!("losetup --set-capacity {}", device.display()),
+                status: "size unchanged".into(),
+                stderr: format!("the device has {got} bytes, its file {want}"),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20 * tries));
+    }
 }
 
 /// Size of a block device in bytes (from sysfs: 512-byte sectors).
