@@ -16,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use thinpool_tests::daemon::{Up, fuse_usable, is_mounted, loop_devices, may_grow_ext4_online};
+use thinpool_tests::daemon::{
+    Up, df_size, fuse_usable, is_mounted, loop_devices, may_grow_ext4_online,
+};
 use thinpool_tests::{require_tools, run_ok, test_seed, text, tool};
 
 const MIB: u64 = 1 << 20;
@@ -150,18 +152,6 @@ fn assert_tree(dir: &Path, want: &Tree, what: &str) {
     for (p, data) in want {
         assert!(got[p] == *data, "{what}: {} differs", p.display());
     }
-}
-
-/// Size of the filesystem on `dir` as `df` shows it (bytes).
-fn df_size(dir: &Path) -> u64 {
-    let out = run_ok(Command::new("df").args(["-B1", "--output=size"]).arg(dir));
-    text(&out.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn blockdev(arg: &str, dev: &str) -> u64 {

@@ -20,7 +20,7 @@ use rand::{Rng as _, SeedableRng as _};
 use serde_json::Value;
 use thinpool_tests::containerd::Containerd;
 use thinpool_tests::daemon::{
-    LAYER_POOL as UP, LoopCleanup, Up, fuse_usable, may_grow_ext4_online,
+    LAYER_POOL as UP, LoopCleanup, Up, df_size, fuse_usable, may_grow_ext4_online,
 };
 use thinpool_tests::images::{self, BUSYBOX, Compression, Image, RICH};
 use thinpool_tests::tree::{self, Tree};
@@ -562,28 +562,18 @@ fn grown_container_exports_and_imports_into_another_pool() {
     let random: Vec<u8> = (0..16 << 20).map(|_| rng.random()).collect();
     let mnt = dir.join("grown");
     let mut f = Failures::new();
-    let df = |m: &Path| -> u64 {
-        let out = run_ok(Command::new("df").args(["-B1", "--output=size"]).arg(m));
-        text(&out.stdout)
-            .lines()
-            .nth(1)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     // Grown while mounted: online where the kernel lets this daemon (CAP_SYS_RESOURCE), else
     // the volume grows, the error says why, and the filesystem fills it at the next mount.
     a.with_mounted("grown", &mnt, |m| {
-        let before = df(m);
+        let before = df_size(m);
         if may_grow_ext4_online() {
             let out = a.up.ok(&["container", "resize", "grown", "20G"]);
             f.check(
                 &format!(
                     "online resize: filesystem {before} → {} bytes ({out:?})",
-                    df(m)
+                    df_size(m)
                 ),
-                before < GIB && df(m) > 18 * GIB,
+                before < GIB && df_size(m) > 18 * GIB,
             );
         } else {
             eprintln!(
@@ -595,7 +585,7 @@ fn grown_container_exports_and_imports_into_another_pool() {
                 &format!("resize while mounted without CAP_SYS_RESOURCE says why: {err}"),
                 err.contains("CAP_SYS_RESOURCE") && err.contains("next mounted"),
             );
-            f.check("the filesystem did not change", df(m) == before);
+            f.check("the filesystem did not change", df_size(m) == before);
         }
     });
     let listed = a.up.json(&["container", "ls", "--json"])[0]["size"].as_u64();
@@ -604,7 +594,7 @@ fn grown_container_exports_and_imports_into_another_pool() {
         listed == Some(20 * GIB),
     );
     let (rest_a, maps_a) = a.with_mounted("grown", &mnt, |m| {
-        let size = df(m);
+        let size = df_size(m);
         f.check(
             &format!("mounted again: the filesystem fills 20 GiB ({size} bytes)"),
             size > 18 * GIB,
@@ -868,16 +858,6 @@ fn resize_of_a_mounted_container_grows_its_filesystem() {
     pool.up.ok(&["image", "load", tar.to_str().unwrap()]);
     pool.up.ok(&["container", "create", BUSYBOX, "r"]);
     let mnt = dir.join("r");
-    let df = |m: &Path| -> u64 {
-        let out = run_ok(Command::new("df").args(["-B1", "--output=size"]).arg(m));
-        text(&out.stdout)
-            .lines()
-            .nth(1)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     let mib = 1u64 << 20;
     let mut f = Failures::new();
     let online = may_grow_ext4_online();
@@ -887,8 +867,8 @@ fn resize_of_a_mounted_container_grows_its_filesystem() {
             if online {
                 pool.up.ok(&["container", "resize", "r", size]);
                 f.check(
-                    &format!("online resize to {size}: df {}", df(m)),
-                    df(m) > want,
+                    &format!("online resize to {size}: df {}", df_size(m)),
+                    df_size(m) > want,
                 );
             } else {
                 let err = pool.up.fails(&["container", "resize", "r", size]);
@@ -896,7 +876,10 @@ fn resize_of_a_mounted_container_grows_its_filesystem() {
                     &format!("resize to {size} while mounted says why: {err}"),
                     err.contains("CAP_SYS_RESOURCE") && err.contains("next mounted"),
                 );
-                f.check(&format!("{size}: df unchanged while mounted"), df(m) < want);
+                f.check(
+                    &format!("{size}: df unchanged while mounted"),
+                    df_size(m) < want,
+                );
             }
         });
         if !online && i == 1 {
@@ -906,7 +889,7 @@ fn resize_of_a_mounted_container_grows_its_filesystem() {
             pool.up.spawn(&UP);
             pool.up.ok(&["container", "resize", "r", size]);
         }
-        let got = pool.with_mounted("r", &mnt, df);
+        let got = pool.with_mounted("r", &mnt, df_size);
         f.check(&format!("{size}: mounted again, df {got}"), got > want);
         let listed = pool.up.json(&["container", "ls", "--json"])[0]["size"].as_u64();
         f.check(

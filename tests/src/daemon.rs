@@ -250,6 +250,18 @@ impl Drop for LoopCleanup {
     }
 }
 
+/// Size of the filesystem on `dir` as `df` shows it (bytes).
+pub fn df_size(dir: &Path) -> u64 {
+    let out = run_ok(Command::new("df").args(["-B1", "--output=size"]).arg(dir));
+    text(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Whether something is mounted on `p` (as `/proc/self/mounts` spells it).
 pub fn is_mounted(p: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
