@@ -78,9 +78,12 @@ pub enum ErrorKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Metadata layer error.
+    /// Metadata layer error. Its message is part of this one's and it is not also returned
+    /// as `source()`, so a printed chain says it once ("pool metadata: metadata block 12:
+    /// …"); what it could carry further down is in its own message (the I/O errors below it
+    /// name their cause in their text).
     #[error("pool metadata: {0}")]
-    Metadata(#[from] thinpool_thin::Error),
+    Metadata(thinpool_thin::Error),
     /// Device error.
     #[error(transparent)]
     Io(#[from] thinpool_io::Error),
@@ -121,6 +124,12 @@ pub enum Error {
     /// Bad argument.
     #[error("{0}")]
     InvalidArgument(String),
+}
+
+impl From<thinpool_thin::Error> for Error {
+    fn from(e: thinpool_thin::Error) -> Error {
+        Error::Metadata(e)
+    }
 }
 
 impl Error {
