@@ -1222,7 +1222,10 @@ impl Pool {
                 "a metadata snapshot is already held (block {h}); release it first"
             )));
         }
-        let h = st.md.reserve_metadata_snap()?;
+        let h = match st.md.reserve_metadata_snap() {
+            Ok(h) => h,
+            Err(e) => return Err(st.failed("reserving a metadata snapshot", e.into())),
+        };
         st.dirty = false;
         st.snap_reserved_here = true;
         Ok(h)
@@ -1238,7 +1241,11 @@ impl Pool {
         st.md.held_root().map(|h| (h, st.snap_reserved_here))
     }
 
-    /// Drop the metadata snapshot.
+    /// Drop the metadata snapshot and commit. A snapshot reserved through this open of the
+    /// pool is released without reading its superblock copy (the roots were kept from the
+    /// reserve), so damage there, which nothing else reaches, does not keep it held. A
+    /// failure part-way aborts the open transaction (nothing half-done is committed) and
+    /// makes the pool read-only, as any failed metadata change does.
     pub fn release_metadata_snap(&self) -> Result<()> {
         self.inner.sync_data()?;
         let mut st = self.inner.md_writable()?;
@@ -1247,7 +1254,9 @@ impl Pool {
                 "no metadata snapshot is held".into(),
             ));
         }
-        st.md.release_metadata_snap()?;
+        if let Err(e) = st.md.release_metadata_snap() {
+            return Err(st.failed("releasing the metadata snapshot", e.into()));
+        }
         st.dirty = false;
         st.snap_reserved_here = false;
         Ok(())

@@ -163,6 +163,19 @@ pub struct ThinMetadata {
     /// Set when an operation failed part-way: the transaction may hold a half-done change and
     /// must be aborted, never committed.
     tainted: Option<String>,
+    /// The roots of the metadata snapshot reserved through this handle, kept from the reserve
+    /// so that the release needs no read of the held superblock copy (see
+    /// [`ThinMetadata::release_metadata_snap`]).
+    held: Option<HeldRoots>,
+}
+
+/// What releasing a metadata snapshot needs from its superblock copy: the held block and the
+/// two roots whose reference counts the reserve raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeldRoots {
+    block: u64,
+    mapping_root: u64,
+    details_root: u64,
 }
 
 impl ThinMetadata {
@@ -203,6 +216,7 @@ impl ThinMetadata {
             details: BTreeMap::new(),
             devices: DeviceCache::default(),
             tainted: None,
+            held: None,
         };
         md.commit()?;
         Ok(md)
@@ -219,6 +233,7 @@ impl ThinMetadata {
             details: BTreeMap::new(),
             devices: DeviceCache::default(),
             tainted: None,
+            held: None,
         };
         md.verify_top_level()?;
         Ok(md)
@@ -683,6 +698,11 @@ impl ThinMetadata {
         self.tx.inc_meta(self.sb.mapping_root)?;
         self.tx.inc_meta(self.sb.details_root)?;
         self.sb.held_root = h;
+        self.held = Some(HeldRoots {
+            block: h,
+            mapping_root: self.sb.mapping_root,
+            details_root: self.sb.details_root,
+        });
         self.commit()?;
         Ok(h)
     }
@@ -692,15 +712,31 @@ impl ThinMetadata {
         if h == 0 {
             return Err(Error::MetadataSnap("no metadata snapshot is held".into()));
         }
-        let blk = self.tx.read(h, BlockKind::Superblock)?;
-        let held = Superblock::decode(&blk[..]);
+        // The roots come from the reserve when it was made through this handle: the held
+        // superblock copy is read only for a snapshot found held at open. So a damaged copy
+        // (nothing but the held snapshot reaches it) does not stop its own release, which
+        // frees it; the kernel reads the copy here and would fail the release.
+        let held = match self.held.filter(|r| r.block == h) {
+            Some(r) => r,
+            None => {
+                let blk = self.tx.read(h, BlockKind::Superblock)?;
+                let sb = Superblock::decode(&blk[..]);
+                HeldRoots {
+                    block: h,
+                    mapping_root: sb.mapping_root,
+                    details_root: sb.details_root,
+                }
+            }
+        };
         // (Deleting the frozen trees changes no device's values; forgetting is just cheap.)
         self.devices.clear();
         self.sb.held_root = 0;
         btree::delete_tree(&mut self.tx, held.mapping_root, &MAPPINGS)?;
         btree::delete_tree(&mut self.tx, held.details_root, &DETAILS)?;
         self.tx.dec_meta(h)?;
-        self.commit()
+        self.commit()?;
+        self.held = None;
+        Ok(())
     }
 
     fn resize_data_dev_unguarded(&mut self, nr_blocks: u64) -> Result<()> {
@@ -847,7 +883,11 @@ impl ThinMetadata {
         let dev = self.tx.device().clone();
         let limit = self.tx.dirty_limit();
         let cache = self.tx.cache_limit();
+        // The roots kept from a reserve stay true while the reopened superblock names the
+        // same held block (the reserve was committed).
+        let held = self.held;
         *self = ThinMetadata::open(dev)?;
+        self.held = held.filter(|r| r.block == self.sb.held_root);
         self.tx.set_dirty_limit(limit);
         self.tx.set_cache_limit(cache)?;
         Ok(())
