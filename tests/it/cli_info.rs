@@ -496,10 +496,29 @@ fn up_daemon(root: &Path) -> std::process::Child {
 }
 
 /// SIGTERM `thinpool up`, expect exit 0.
-fn stop_daemon(child: std::process::Child) {
+/// SIGTERM `child` (`thinpool up`), which must exit 0; returns its log (stderr).
+fn stop_daemon(child: std::process::Child) -> String {
     run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "thinpool up: {}", text(&out.stderr));
+    text(&out.stderr)
+}
+
+/// Wait (at most 30 s) until the daemon serving `r` holds no metadata snapshot.
+fn wait_until_released(r: &Root) {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = r.json(&["pool", "status", "--json"])["held_root"].clone();
+        if held.is_null() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metadata snapshot at {held} is still held after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `pool check` with the hold hook at `hold` (see [`held_by`]).
@@ -531,10 +550,12 @@ fn held_by(check: &mut std::process::Child, hold: &Path) -> u64 {
 }
 
 /// Issue 15: with a daemon, `pool check` reserves a metadata snapshot (the superblock's
-/// `held_root`), checks it while fio writes through NBD, and releases it; a check killed
-/// while holding one leaves it held, which `thin_check` and `thin_dump --metadata-snap` accept
-/// and the next daemon releases at the next check; Ctrl-C/SIGTERM release it; `--repair`
-/// is refused while the daemon runs.
+/// `held_root`), checks it while fio writes through NBD, and releases it; Ctrl-C/SIGTERM
+/// release it; a check killed (SIGKILL) while holding one cannot, and the daemon releases it
+/// when the check's control connection closes (a second check meanwhile is busy); a daemon
+/// killed while a check holds one leaves it held, which `thin_check` and `thin_dump
+/// --metadata-snap` accept and the next daemon releases at its first check; `--repair` is
+/// refused while the daemon runs.
 #[test]
 fn online_check_holds_a_metadata_snapshot_while_clients_write() {
     if !thinpool_tests::require_tools(&["fio", "qemu-io", "thin_check", "thin_dump"]) {
@@ -609,13 +630,11 @@ fn online_check_holds_a_metadata_snapshot_while_clients_write() {
         text(&out.stderr)
     );
 
-    // SIGKILL while held: the snapshot stays held, and the next check of this daemon is busy.
+    // SIGKILL while held: the check cannot release it, the daemon does when the check's
+    // control connection closes (the reservation is a lease on it) and logs it; until then a
+    // second check is refused as busy, after that it runs.
     let mut check = check_with_hold_hook(&r, &hold);
     let h = held_by(&mut check, &hold);
-    check.kill().unwrap();
-    check.wait().unwrap();
-    std::fs::remove_file(&hold).unwrap();
-    assert_eq!(held_root(&r), Value::from(h));
     let out = r.run(&["pool", "check"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -623,22 +642,291 @@ fn online_check_holds_a_metadata_snapshot_while_clients_write() {
         "{}",
         text(&out.stderr)
     );
-    stop_daemon(daemon);
-    // Offline, with the held root: thin_check is clean and thin_dump reads the snapshot.
-    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
-    run_ok(
-        thinpool_tests::tool("thin_dump")
-            .arg("--metadata-snap")
-            .arg(r.metadata()),
+    check.kill().unwrap();
+    check.wait().unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    wait_until_released(&r);
+    let out = r.run(&["pool", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(held_root(&r), Value::Null);
+    let log = stop_daemon(daemon);
+    assert!(
+        log.contains(&format!(
+            "the control connection that reserved the metadata snapshot at block {h} closed"
+        )),
+        "{log}"
     );
+    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+
+    // The daemon killed (SIGKILL) while a check holds one: the held root survives the restart;
+    // offline, thin_check is clean and thin_dump reads the snapshot; the next daemon releases
+    // it at its first check.
+    let mut daemon = up_daemon(&r.path);
+    let mut check = check_with_hold_hook(&r, &hold);
+    let h = held_by(&mut check, &hold);
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // What the killed daemon left (`up` would replace them; up_daemon waits for new ones).
+    for f in ["control.sock", "nbd.sock"] {
+        let _ = std::fs::remove_file(r.path.join(f));
+    }
+    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+    let dump = text(
+        &run_ok(
+            thinpool_tests::tool("thin_dump")
+                .arg("--metadata-snap")
+                .arg(r.metadata()),
+        )
+        .stdout,
+    );
+    assert!(dump.contains("<device dev_id="), "{dump}");
     assert_eq!(r.run(&["pool", "check"]).status.code(), Some(0));
-    // The next daemon releases what the earlier one left at its first check.
     let daemon = up_daemon(&r.path);
+    assert_eq!(held_root(&r), Value::from(h));
     let out = r.run(&["pool", "check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(held_root(&r), Value::Null);
     stop_daemon(daemon);
     run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+}
+
+/// Issue 15: damage in the held metadata snapshot is what the online check reports, while fio
+/// writes (and verifies) through NBD: the check reads the metadata file, not the daemon's
+/// cache, exits 1 naming the block and what it is, and the snapshot is still released (the
+/// engine kept its roots from the reserve and never reads the damaged copy); the daemon goes
+/// on serving, the next check is clean, and thin_check is clean once the daemon stops.
+#[test]
+fn online_check_reports_a_damaged_snapshot_and_still_releases_it() {
+    use std::os::unix::fs::FileExt as _;
+    if !thinpool_tests::require_tools(&["fio", "qemu-io", "thin_check"]) {
+        return;
+    }
+    let r = Root::new();
+    let daemon = up_daemon(&r.path);
+    r.ok(&["vol", "create", "v", "--size", "512M"]);
+    let uri = format!("nbd+unix:///v?socket={}", r.path.join("nbd.sock").display());
+    run_ok(thinpool_tests::tool("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 4M", &uri]));
+    let fio_dir = scratch();
+    let fio = thinpool_tests::nbd::spawn_fio_verify("damage", &uri, fio_dir.path());
+
+    let hold = r.dir.path().join("hold");
+    let mut check = check_with_hold_hook(&r, &hold);
+    let h = held_by(&mut check, &hold);
+    // The block damaged is the held superblock copy (format spec section 10): nothing but the
+    // live superblock's `held_root` leads to it, so no live tree, space map or volume reads
+    // it, and being allocated it is never handed out for a shadow until the release frees it.
+    // The daemon writes the metadata file meanwhile (fio's writes commit), never this block.
+    let meta = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(r.metadata())
+        .unwrap();
+    let at = h * 4096 + 16; // the uuid field: any change breaks the block's checksum
+    let mut uuid = [0u8; 16];
+    meta.read_exact_at(&mut uuid, at).unwrap();
+    for b in &mut uuid {
+        *b ^= 0xA5;
+    }
+    meta.write_all_at(&uuid, at).unwrap();
+    meta.sync_all().unwrap();
+    drop(meta);
+    std::fs::remove_file(&hold).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("metadata block {h}"))
+            && stdout.contains("held metadata snapshot superblock"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    // Released all the same; the daemon serves on, in write mode.
+    assert_eq!(
+        r.json(&["pool", "status", "--json"])["held_root"],
+        Value::Null
+    );
+    assert_eq!(r.json(&["pool", "status", "--json"])["mode"], "rw");
+    thinpool_tests::nbd::qemu_io_ok(&uri, true, &["read -P 0x5a 0 4M".to_string()]);
+    let out = r.run(&["pool", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && !text(&out.stdout).contains("verify: bad"),
+        "fio: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    stop_daemon(daemon);
+    run_ok(thinpool_tests::tool("thin_check").arg(r.metadata()));
+}
+
+/// Mappings of the volume the throughput test's checks walk (their data blocks are never
+/// written: the data file stays sparse).
+const CHECK_LOAD_MAPPINGS: u64 = 1_000_000;
+/// Seconds of each fio run of the throughput test.
+const FIO_SECS: u64 = 2;
+
+/// fio writing random 64 KiB blocks to `uri` for [`FIO_SECS`] s, each block verified
+/// (crc32c) as it goes (`verify_backlog`: a time-based job has no verify phase after its
+/// writes); the write bandwidth in MiB/s. Panics when fio fails or a verify is bad.
+fn fio_write_mib_s(uri: &str, dir: &Path, name: &str) -> f64 {
+    let json = dir.join(format!("{name}.json"));
+    let out = run(thinpool_tests::tool("fio").current_dir(dir).args([
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=64k",
+        "--iodepth=8",
+        "--offset=128M",
+        "--size=256M",
+        "--verify=crc32c",
+        "--verify_backlog=64",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--time_based",
+        &format!("--runtime={FIO_SECS}"),
+        "--output-format=json",
+        &format!("--output={}", json.display()),
+    ]));
+    let report = std::fs::read_to_string(&json).unwrap_or_default();
+    assert!(
+        out.status.success() && !report.contains("verify: bad"),
+        "fio: {}{}{report}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: Value =
+        serde_json::from_str(&report).unwrap_or_else(|e| panic!("fio JSON ({e}): {report}"));
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "{report}");
+    let read = job["read"]["io_bytes"].as_u64().unwrap_or(0);
+    assert!(read > 0, "fio verified nothing: {report}");
+    job["write"]["bw"].as_f64().expect("write bw") / 1024.0
+}
+
+/// Issue 15: fio's write throughput (verify on) through NBD while `pool check` checks held
+/// snapshots of [`CHECK_LOAD_MAPPINGS`] mappings back to back, against without checks,
+/// alternating in one run; printed (`--nocapture`), not asserted: the machine decides. Every
+/// check must be clean, and at least two must run during each fio run.
+#[test]
+fn fio_throughput_during_an_online_check() {
+    use std::time::Instant;
+    if !thinpool_tests::require_tools(&["fio", "thin_check"]) {
+        return;
+    }
+    let dir = scratch();
+    let root = dir.path().join("root");
+    let tp = |args: &[&str]| text(&run_ok(&mut thinpool_tests::thinpool_in(&root, args)).stdout);
+    let data_gib = (CHECK_LOAD_MAPPINGS * BLOCK).div_ceil(GIB) + 2;
+    tp(&[
+        "pool",
+        "create",
+        "--data-size",
+        &format!("{data_gib}G"),
+        "--metadata-size",
+        "512M",
+    ]);
+    tp(&[
+        "vol",
+        "create",
+        "big",
+        "--size",
+        &format!("{}G", data_gib - 1),
+    ]);
+    tp(&["vol", "create", "v", "--size", "512M"]);
+    let info: Value = serde_json::from_str(&tp(&["vol", "info", "big", "--json"])).unwrap();
+    let id = info["thin_id"].as_u64().expect("thin_id");
+    // The mappings are written as one run into the metadata (dump, add, restore): the
+    // quickest way to a tree of this size; the data blocks are never read or written.
+    let metadata = root.join("pool").join("metadata");
+    let xml = tp(&["meta", "dump", metadata.to_str().unwrap()]);
+    let open = format!("<device dev_id=\"{id}\"");
+    let at = xml.find(&open).expect("big's device in the dump");
+    let end = at + xml[at..].find('>').expect("device tag") + 1;
+    let xml = format!(
+        "{}\n    <range_mapping origin_begin=\"0\" data_begin=\"0\" length=\"{CHECK_LOAD_MAPPINGS}\" time=\"0\"/>{}",
+        &xml[..end],
+        &xml[end..]
+    );
+    let xml_path = dir.path().join("big.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    tp(&[
+        "meta",
+        "restore",
+        "-q",
+        "-i",
+        xml_path.to_str().unwrap(),
+        "-o",
+        metadata.to_str().unwrap(),
+    ]);
+    run_ok(thinpool_tests::tool("thin_check").arg(&metadata));
+
+    let daemon = up_daemon(&root);
+    let r = Root {
+        dir,
+        path: root.clone(),
+    };
+    assert_eq!(
+        r.json(&["vol", "info", "big", "--json"])["mapped_blocks"],
+        CHECK_LOAD_MAPPINGS
+    );
+    let uri = format!("nbd+unix:///v?socket={}", root.join("nbd.sock").display());
+    let started = Instant::now();
+    let out = r.run(&["pool", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    println!(
+        "pool check of {CHECK_LOAD_MAPPINGS} mappings, no fio: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Alternating: fio alone, then fio while checks run back to back (each one reserve,
+    // check, release, as a user's `pool check` does), so the whole fio run is under checks.
+    let fio_dir = scratch();
+    let (mut idle, mut busy) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        idle.push(fio_write_mib_s(
+            &uri,
+            fio_dir.path(),
+            &format!("idle{round}"),
+        ));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let checks = std::thread::scope(|s| {
+            let checker = s.spawn(|| {
+                let mut n = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = r.run(&["pool", "check"]);
+                    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+                    n += 1;
+                }
+                n
+            });
+            let bw = fio_write_mib_s(&uri, fio_dir.path(), &format!("busy{round}"));
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            busy.push(bw);
+            checker.join().expect("the check loop failed")
+        });
+        println!(
+            "round {round}: fio alone {:.0} MiB/s, during checks {:.0} MiB/s ({checks} checks \
+             in its {FIO_SECS} s)",
+            idle[round], busy[round]
+        );
+        assert!(checks >= 2, "only {checks} check(s) ran during fio");
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "fio write (verify on) during an online check: {:.0} MiB/s vs {:.0} MiB/s without, \
+         ratio {:.2}",
+        mean(&busy),
+        mean(&idle),
+        mean(&busy) / mean(&idle)
+    );
+    stop_daemon(daemon);
+    run_ok(thinpool_tests::tool("thin_check").arg(&metadata));
 }
 
 /// Issue 15: `pool check --repair` offline: a clean pool is left alone; damaged metadata is

@@ -17,11 +17,16 @@
 //!   the check runs; a torn read of it is told by its checksum, and the check is run again.
 //!
 //!   The snapshot is released whatever the check's outcome (an error, Ctrl-C, SIGTERM or
-//!   SIGHUP included). A check killed outright (SIGKILL) leaves it held, which is harmless: it
-//!   only pins metadata blocks, `thin_check` and `thin_dump --metadata-snap` accept the pool,
-//!   and the engine keeps it across restarts as the kernel does. The daemon releases a
-//!   snapshot left by an earlier run at the next check's reserve; one left by a check killed
-//!   under the running daemon makes the next check busy until the daemon restarts.
+//!   SIGHUP included). A check killed outright (SIGKILL) cannot release it; the daemon does,
+//!   when the control connection that reserved it closes (the reservation is a lease on that
+//!   connection, and the daemon's log says so). A daemon killed while a check holds one leaves
+//!   it held, which is harmless: it only pins metadata blocks, `thin_check` and `thin_dump
+//!   --metadata-snap` accept the pool, and the engine keeps it across restarts as the kernel
+//!   does; the next daemon releases it at the next check's reserve.
+//!
+//!   The check reads the metadata file itself, not the daemon's cache: damage on disk in
+//!   blocks the snapshot reaches is found and reported (with the block and the tree), and the
+//!   snapshot is still released, its roots kept by the engine from the reserve.
 //!
 //!   A daemon that answers the reserve without a held root (an older one) gets the former
 //!   check: the committed metadata while writes go on, a commit that raced with it told by

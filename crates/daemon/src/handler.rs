@@ -168,8 +168,9 @@ fn committed_metadata(pool: &Pool) -> thinpool_engine::Result<CommittedMetadata>
 /// A snapshot found held when the pool was opened was left by an earlier run (a daemon or a
 /// check that died before releasing it): nothing can still be reading it through this daemon,
 /// so it is released and a new one reserved. One reserved since this daemon opened the pool
-/// belongs to a check still running, or to one killed before it could release it; that is
-/// refused as busy, and the message says how to get rid of it.
+/// belongs to a check still running; that is refused as busy. (One whose check was killed
+/// is released by the control server when the check's connection closes: see
+/// `server::Lease`.)
 fn reserve_for_check(pool: &Pool) -> thinpool_engine::Result<CommittedMetadata> {
     use thinpool_engine::Error;
     match pool.held_metadata_snap() {
@@ -183,8 +184,8 @@ fn reserve_for_check(pool: &Pool) -> thinpool_engine::Result<CommittedMetadata> 
         Some((h, true)) => {
             return Err(Error::Busy(format!(
                 "a metadata snapshot is already held (block {h}) by another `thinpool pool \
-                 check`; if none is running, one was killed before releasing it: restarting \
-                 the daemon releases it"
+                 check`, still running: try again when it is done (the daemon releases the \
+                 snapshot when that check's control connection closes)"
             )));
         }
         None => {}

@@ -22,8 +22,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use thinpool_control::{
-    ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, PROTOCOL_VERSION, Request, Response, read_frame,
-    write_frame,
+    ErrorKind, FrameError, Hello, MAX_REQUEST_LEN, MetadataSnapStep, PROTOCOL_VERSION, Request,
+    Response, read_frame, write_frame,
 };
 use thinpool_engine::Pool;
 
@@ -47,6 +47,19 @@ struct Shared {
     hello: Mutex<Hello>,
     /// Open connections by id (clones of their streams), so that stop can shut them down.
     conns: Mutex<HashMap<u64, UnixStream>>,
+    /// The metadata snapshot a `pool check` reserved, and the connection that reserved it.
+    lease: Mutex<Option<Lease>>,
+}
+
+/// A metadata snapshot reserved for `thinpool pool check`, tied to the control connection
+/// that reserved it: when that connection closes with the snapshot still held (the check was
+/// killed outright, SIGKILL, where its signal handler cannot release it), the daemon releases
+/// it, so that later checks are not refused as busy until a restart. A release from any
+/// connection (the check's own, or the one its signal handler opens) ends the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    conn: u64,
+    held_root: u64,
 }
 
 /// A running control server.
@@ -90,6 +103,7 @@ impl ControlServer {
                 nbd_tcp: None,
             }),
             conns: Mutex::new(HashMap::new()),
+            lease: Mutex::new(None),
         });
         let served = shared.clone();
         let thread = std::thread::Builder::new()
@@ -264,16 +278,7 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) {
                 Ok(None) => break,
                 Ok(Some(line)) if line.trim().is_empty() => continue,
                 Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => (
-                        handle(
-                            &shared.pool,
-                            &shared.mounts,
-                            &shared.layers,
-                            &shared.hello.lock().expect("hello poisoned").clone(),
-                            req,
-                        ),
-                        false,
-                    ),
+                    Ok(req) => (serve_request(shared, req, id), false),
                     Err(e) => (
                         Response::Error {
                             kind: ErrorKind::Protocol,
@@ -304,7 +309,68 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) {
             break;
         }
     }
+    end_lease(shared, id);
     tracing::debug!("control connection closed");
+}
+
+/// Handle `req` from connection `conn`, keeping [`Shared::lease`] in step with the metadata
+/// snapshot steps of `pool check`. The lease lock is held across a reserve or release so that
+/// a connection closing meanwhile sees the outcome.
+fn serve_request(shared: &Shared, req: Request, conn: u64) -> Response {
+    let step = match &req {
+        Request::PoolCheck {
+            metadata_snap: Some(step),
+        } => Some(*step),
+        _ => None,
+    };
+    let hello = shared.hello.lock().expect("hello poisoned").clone();
+    let Some(step) = step else {
+        return handle(&shared.pool, &shared.mounts, &shared.layers, &hello, req);
+    };
+    let mut lease = shared.lease.lock().expect("lease poisoned");
+    let response = handle(&shared.pool, &shared.mounts, &shared.layers, &hello, req);
+    if let Response::Ok { value } = &response {
+        match step {
+            MetadataSnapStep::Reserve => {
+                if let Some(held_root) = value.get("held_root").and_then(|v| v.as_u64()) {
+                    *lease = Some(Lease { conn, held_root });
+                }
+            }
+            MetadataSnapStep::Release { held_root } => {
+                if lease.is_some_and(|l| l.held_root == held_root) {
+                    *lease = None;
+                }
+            }
+        }
+    }
+    response
+}
+
+/// Connection `conn` closed: release the metadata snapshot it reserved and left held.
+fn end_lease(shared: &Shared, conn: u64) {
+    let mut lease = shared.lease.lock().expect("lease poisoned");
+    let Some(l) = lease.filter(|l| l.conn == conn) else {
+        return;
+    };
+    *lease = None;
+    if shared.pool.held_metadata_snap() != Some((l.held_root, true)) {
+        return;
+    }
+    tracing::warn!(
+        conn,
+        held_root = l.held_root,
+        "the control connection that reserved the metadata snapshot at block {} closed \
+         without releasing it (its `pool check` ended without releasing it): releasing it",
+        l.held_root
+    );
+    if let Err(e) = shared.pool.release_metadata_snap() {
+        tracing::error!(
+            held_root = l.held_root,
+            "releasing the metadata snapshot at block {} left by a closed connection: {}",
+            l.held_root,
+            crate::handler::chain(&e)
+        );
+    }
 }
 
 #[cfg(test)]
