@@ -118,6 +118,20 @@ pub enum PoolCommand {
         /// The new data device or file.
         path: PathBuf,
     },
+    /// Show the space policy's events (the daemon keeps the last 1024): low-water crossings
+    /// of data and metadata usage, and autogrow's grows, limits and failures (see `thinpool
+    /// up --autogrow-step`). Needs the daemon.
+    Events {
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new events as they come, until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Only events numbered above N.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        since: u64,
+    },
 }
 
 pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
@@ -163,6 +177,11 @@ pub fn run(root: &Path, cmd: PoolCommand) -> Result<i32> {
             })
         }),
         PoolCommand::MoveData { path } => move_data(root, &path),
+        PoolCommand::Events {
+            json,
+            follow,
+            since,
+        } => events(root, json, follow, since),
         PoolCommand::Grow {
             data_size,
             metadata_size,
@@ -424,4 +443,61 @@ fn with_target(path: &Path) -> String {
 
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
+}
+
+/// `pool events`: print the daemon's space policy events after `since`, and with `follow`
+/// the new ones every half second until interrupted.
+fn events(root: &Path, json: bool, follow: bool, mut since: u64) -> Result<i32> {
+    use std::io::Write as _;
+    let at = root.display();
+    let Some(mut daemon) = client::daemon(root)? else {
+        anyhow::bail!(
+            "no daemon serves the pool at {at}: the space policy's events are the daemon's \
+             (start it with `thinpool up`)"
+        );
+    };
+    let mut out = std::io::stdout().lock();
+    loop {
+        let list = daemon
+            .pool_events(since)
+            .with_context(|| format!("reading the events of the pool at {at}"))?;
+        for e in &list {
+            if json {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            } else {
+                writeln!(out, "{}", render_event(e))?;
+            }
+            since = since.max(e.seq);
+        }
+        out.flush()?;
+        if !follow {
+            return Ok(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// One event as a line: number, time, kind, space, usage, sizes, message.
+fn render_event(e: &thinpool_control::PoolEvent) -> String {
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let space = serde_json::to_value(e.space)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let sizes = match (e.old_size, e.new_size) {
+        (Some(a), Some(b)) => format!(" {} -> {}", human(a), human(b)),
+        _ => String::new(),
+    };
+    format!(
+        "#{} {} {kind} {space} {}/{} ({}%){sizes}: {}",
+        e.seq,
+        crate::vol::rfc3339(e.time),
+        e.used,
+        e.total,
+        percent(e.used, e.total),
+        e.message
+    )
 }

@@ -37,6 +37,34 @@ pub struct UpArgs {
     /// many mappings (about 31M of nodes per million mappings).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     metadata_cache: Option<u64>,
+    /// When the pool fills: usage (percent of the data or metadata blocks, 1-99; "80" or
+    /// "80%") at which a low-water event is recorded (`thinpool pool events`, metrics) and
+    /// autogrow grows the device (default 80).
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    autogrow_threshold: Option<u8>,
+    /// Grow the data file by SIZE whenever data usage is at or over the threshold, online,
+    /// never past --max-data-size nor past what the host file system holding it has free
+    /// (a multiple of the block size; 1024-based units as for --data-size). Not for a block
+    /// device: its events say to extend it and run `thinpool pool grow`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    autogrow_step: Option<u64>,
+    /// The largest size --autogrow-step grows the data file to (default: only the host file
+    /// system's free space and dm-thin's 2^40 blocks limit it).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "autogrow_step")]
+    max_data_size: Option<u64>,
+    /// Grow the metadata file by SIZE whenever metadata usage is at or over the threshold
+    /// (a multiple of 4K), as --autogrow-step does for data.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    metadata_autogrow_step: Option<u64>,
+    /// The largest size --metadata-autogrow-step grows the metadata file to (default and
+    /// at most dm-thin's 15.87G, 4 161 600 blocks of 4K).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_size,
+        requires = "metadata_autogrow_step"
+    )]
+    max_metadata_size: Option<u64>,
     /// Serve every volume as a file in DIR (FUSE; default ROOT/files). Given explicitly,
     /// `up` fails when FUSE is unavailable instead of going on with NBD only.
     #[arg(long, value_name = "DIR", conflicts_with = "no_fuse")]
@@ -82,6 +110,11 @@ struct FileConfig {
     error_if_no_space: Option<bool>,
     no_space_timeout: Option<u64>,
     metadata_cache: Option<Size>,
+    autogrow_threshold: Option<Percent>,
+    autogrow_step: Option<Size>,
+    max_data_size: Option<Size>,
+    metadata_autogrow_step: Option<Size>,
+    max_metadata_size: Option<Size>,
     fuse_dir: Option<PathBuf>,
     fuse: Option<bool>,
     base_size: Option<Size>,
@@ -108,6 +141,91 @@ impl Size {
             }
         }
     }
+}
+
+/// A percentage in the config file: `80` or `"80%"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Percent {
+    Number(u64),
+    Text(String),
+}
+
+impl Percent {
+    fn value(&self, key: &str, file: &Path) -> Result<u8> {
+        let text = match self {
+            Percent::Number(n) => n.to_string(),
+            Percent::Text(t) => t.clone(),
+        };
+        parse_percent(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {key} = {text:?}: {e}", file.display()))
+    }
+}
+
+/// `80` or `80%`: a whole percentage from 1 to 99.
+fn parse_percent(s: &str) -> Result<u8, String> {
+    let t = s.trim();
+    let digits = t.strip_suffix('%').unwrap_or(t).trim();
+    match digits.parse::<u8>() {
+        Ok(p) if (1..=99).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{s:?} is not a percentage from 1 to 99 (e.g. 80 or 80%)"
+        )),
+    }
+}
+
+/// The space policy from flags, else config keys: low-water threshold and autogrow.
+fn space_policy(a: &UpArgs, fc: &FileConfig, file: &Path) -> Result<thinpool_daemon::SpacePolicy> {
+    let size = |flag: Option<u64>, key: &str, v: &Option<Size>| -> Result<Option<u64>> {
+        match (flag, v) {
+            (Some(f), _) => Ok(Some(f)),
+            (None, Some(s)) => s.bytes(key, file).map(Some),
+            (None, None) => Ok(None),
+        }
+    };
+    let threshold = match (a.autogrow_threshold, &fc.autogrow_threshold) {
+        (Some(t), _) => t,
+        (None, Some(p)) => p.value("autogrow_threshold", file)?,
+        (None, None) => thinpool_daemon::DEFAULT_THRESHOLD,
+    };
+    let grow = |step: Option<u64>,
+                max: Option<u64>,
+                what: &str|
+     -> Result<Option<thinpool_daemon::Autogrow>> {
+        match (step, max) {
+            (Some(step), max) => Ok(Some(thinpool_daemon::Autogrow { step, max })),
+            (None, Some(_)) => anyhow::bail!(
+                "{}: max_{what}_size is set without {}autogrow_step: there is nothing to cap",
+                file.display(),
+                if what == "data" { "" } else { "metadata_" }
+            ),
+            (None, None) => Ok(None),
+        }
+    };
+    let policy = thinpool_daemon::SpacePolicy {
+        threshold,
+        data: grow(
+            size(a.autogrow_step, "autogrow_step", &fc.autogrow_step)?,
+            size(a.max_data_size, "max_data_size", &fc.max_data_size)?,
+            "data",
+        )?,
+        metadata: grow(
+            size(
+                a.metadata_autogrow_step,
+                "metadata_autogrow_step",
+                &fc.metadata_autogrow_step,
+            )?,
+            size(
+                a.max_metadata_size,
+                "max_metadata_size",
+                &fc.max_metadata_size,
+            )?,
+            "metadata",
+        )?,
+    };
+    // Refused here, before the pool is opened or created, with the daemon's message.
+    policy.check()?;
+    Ok(policy)
 }
 
 fn load(path: &Path) -> Result<FileConfig> {
@@ -140,6 +258,8 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
         None => FileConfig::default(),
     };
     let file = file.unwrap_or_default();
+    // Refused before the pool is opened or created.
+    let space = space_policy(&a, &fc, &file)?;
     let size = |flag: Option<u64>, key: &str, v: &Option<Size>| -> Result<Option<u64>> {
         match (flag, v) {
             (Some(f), _) => Ok(Some(f)),
@@ -192,6 +312,7 @@ pub fn run(root: &Path, a: UpArgs) -> Result<i32> {
     }
     // Refused here, before the pool is opened or created, with the engine's message.
     opts.pool.metadata_cache_blocks()?;
+    opts.space = space;
     opts.create = Some(create);
     opts.metrics = serve.metrics;
     if !a.no_fuse && (a.fuse_dir.is_some() || fc.fuse != Some(false)) {

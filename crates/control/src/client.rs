@@ -258,6 +258,11 @@ impl Client {
         self.call_as(&Request::PoolStatus)
     }
 
+    /// The space policy's events numbered above `since`, oldest first.
+    pub fn pool_events(&mut self, since: u64) -> Result<Vec<crate::PoolEvent>> {
+        self.call_as(&Request::PoolEvents { since })
+    }
+
     /// Every volume, sorted by name.
     pub fn volumes(&mut self) -> Result<Vec<VolumeInfo>> {
         self.call_as(&Request::VolumeList)

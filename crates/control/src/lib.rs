@@ -49,6 +49,6 @@ pub use proto::{
     PROTOCOL_VERSION, Request, Response, SOCKET_NAME, read_frame, socket_path, write_frame,
 };
 pub use types::{
-    Attachment, CommittedMetadata, DataMoved, FsResized, LayerMount, LayerSnapshot, LayerUsage,
-    PoolMode, PoolStatus, Resized, VolumeInfo, VolumeKind,
+    Attachment, CommittedMetadata, DataMoved, EventKind, FsResized, LayerMount, LayerSnapshot,
+    LayerUsage, PoolEvent, PoolMode, PoolStatus, Resized, Space, VolumeInfo, VolumeKind,
 };

@@ -200,6 +200,13 @@ pub enum Request {
         /// The destination, as the daemon sees it (absolute, or relative to its directory).
         path: PathBuf,
     },
+    /// The space policy's events numbered above `since` (0: all the daemon still keeps, the
+    /// last 1024), oldest first; answered with a list of [`PoolEvent`](crate::PoolEvent).
+    PoolEvents {
+        /// The last event number the client has seen.
+        #[serde(default)]
+        since: u64,
+    },
 }
 
 impl Request {
@@ -218,6 +225,7 @@ impl Request {
             Request::Commit => "commit",
             Request::PoolCheck { .. } => "pool_check",
             Request::PoolMoveData { .. } => "pool_move_data",
+            Request::PoolEvents { .. } => "pool_events",
             Request::VolumeAttach { .. } => "volume_attach",
             Request::VolumeDetach { .. } => "volume_detach",
             Request::Mount { .. } => "mount",
@@ -453,6 +461,7 @@ mod tests {
             Request::PoolCheck {
                 metadata_snap: Some(MetadataSnapStep::Release { held_root: 13 }),
             },
+            Request::PoolEvents { since: 7 },
         ];
         for r in all {
             let s = serde_json::to_string(&r).unwrap();

@@ -261,3 +261,60 @@ pub struct LayerUsage {
     /// Bytes of all the data blocks it maps.
     pub mapped_bytes: u64,
 }
+
+/// Which of the pool's spaces an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Space {
+    /// The data device.
+    Data,
+    /// The metadata device.
+    Metadata,
+}
+
+/// What happened to a space (see [`PoolEvent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Usage reached the low-water threshold (once per crossing).
+    LowWater,
+    /// Autogrow grew the device by its step.
+    Grown,
+    /// Autogrow grew the device by less than its step, or not at all: the maximum size or the
+    /// host file system's free space was reached (the message says which).
+    Limited,
+    /// The device is a block device: the daemon does not grow it (the message says what to
+    /// do).
+    CannotGrow,
+    /// A grow failed (the message names the error); the pool keeps its last commit.
+    GrowFailed,
+}
+
+/// One event of the daemon's space policy, as [`Request::PoolEvents`](crate::Request) answers
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolEvent {
+    /// Its number: 1 for the daemon's first event, then one more for each.
+    pub seq: u64,
+    /// When, in seconds since the epoch.
+    pub time: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// To which space.
+    pub space: Space,
+    /// Blocks in use then (data blocks, or 4 KiB metadata blocks).
+    pub used: u64,
+    /// Blocks in the space then (before a grow).
+    pub total: u64,
+    /// The device's size in bytes before a grow (grown, limited, grow_failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_size: Option<u64>,
+    /// The device's size in bytes after a grow, or the size a failed one asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_size: Option<u64>,
+    /// How long the grow took (the metadata lock is held for part of it), milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
+    /// What happened and, where there is something to do, what.
+    pub message: String,
+}

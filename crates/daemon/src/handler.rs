@@ -134,6 +134,11 @@ pub(crate) fn handle(
             }
         },
         Request::PoolMoveData { path } => answer(pool.move_data(&path, &|_, _| {})),
+        // The space policy belongs to the daemon, not the pool: the control server answers.
+        Request::PoolEvents { .. } => answer::<(), _>(Err(Refusal {
+            kind: ErrorKind::InvalidArgument,
+            message: "pool events are answered by the daemon's control server".into(),
+        })),
     }
 }
 

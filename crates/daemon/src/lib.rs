@@ -48,6 +48,7 @@ mod lockholder;
 mod metrics;
 mod mounts;
 mod nbdstop;
+mod policy;
 mod server;
 mod signals;
 mod snapshotter;
@@ -63,11 +64,13 @@ use thinpool_fuse::{FuseConfig, FuseServer};
 use thinpool_layers::{LayerStore, StoreOptions};
 use thinpool_nbd::{NbdConfig, NbdServer};
 
+pub use policy::{Autogrow, DEFAULT_THRESHOLD, MAX_EVENTS, SpacePolicy};
 pub use signals::{ShutdownSignals, wait_for_shutdown_signal};
 
 use crate::layers::Layers;
 use crate::metrics::MetricsServer;
 use crate::mounts::Mounts;
+use crate::policy::{Policy, PolicyThread};
 use crate::server::ControlServer;
 
 /// Errors of the daemon. Messages say what and where; the engine's error is the source.
@@ -189,6 +192,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A space policy setting is refused (the message names the setting and why).
+    #[error("{0}")]
+    Policy(String),
     /// A thread could not be started.
     #[error("starting the {what} thread")]
     Thread {
@@ -230,6 +236,9 @@ pub struct DaemonOptions {
     /// How long to wait for the pool's lock when a process that is not a daemon holds it
     /// (an offline CLI command, which lets go within moments). Zero: refuse at once.
     pub lock_wait: std::time::Duration,
+    /// What to do when the pool fills: low-water events, autogrow (see [`SpacePolicy`]).
+    /// Checked before the pool is opened or created, and against it once open.
+    pub space: SpacePolicy,
 }
 
 /// The file name of containerd's snapshotter socket in a pool root.
@@ -315,6 +324,8 @@ pub struct Daemon {
     /// Why FUSE is not served, when it was asked for and is unavailable.
     fuse_unavailable: Option<String>,
     metrics: Option<MetricsServer>,
+    policy: Arc<Policy>,
+    policy_thread: Option<PolicyThread>,
 }
 
 impl Daemon {
@@ -331,6 +342,8 @@ impl Daemon {
             // Before anything is opened or created.
             metrics::check_loopback(addr)?;
         }
+        opts.space.check()?;
+        let policy = Policy::new(opts.space);
         let socket_path = thinpool_control::socket_path(root);
         if let Some(cfg) = &opts.create
             && !root.join("pool").exists()
@@ -397,6 +410,7 @@ impl Daemon {
             pool.clone(),
             mounts.clone(),
             layers.clone(),
+            policy.clone(),
             root,
             &socket_path,
         ) {
@@ -422,7 +436,12 @@ impl Daemon {
             snapshotter: None,
             fuse_unavailable: None,
             metrics: None,
+            policy,
+            policy_thread: None,
         };
+        // Checked against the open pool before anything is served; on failure dropping the
+        // daemon stops the control server and closes the pool.
+        daemon.policy_thread = Some(PolicyThread::start(daemon.pool(), daemon.policy.clone())?);
         if let Some(cfg) = &opts.nbd {
             // On failure, dropping the daemon stops the control server and closes the pool.
             let nbd = NbdServer::start(daemon.pool(), cfg)?;
@@ -478,7 +497,11 @@ impl Daemon {
             Err(e) => tracing::error!("the layer store did not open: {e}"),
         }
         if let Some(addr) = opts.metrics {
-            daemon.metrics = Some(MetricsServer::start(daemon.pool(), addr)?);
+            daemon.metrics = Some(MetricsServer::start(
+                daemon.pool(),
+                daemon.policy.clone(),
+                addr,
+            )?);
         }
         tracing::info!(
             root = %root.display(),
@@ -565,6 +588,9 @@ impl Daemon {
             && !nbdstop::stop(nbd, self.nbd_link.take())
         {
             self.nbd_stuck = true;
+        }
+        if let Some(policy) = self.policy_thread.take() {
+            policy.stop();
         }
         if let Some(metrics) = self.metrics.take() {
             metrics.stop();

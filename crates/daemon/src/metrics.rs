@@ -36,7 +36,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use thinpool_engine::{COMMIT_BUCKETS_MS, IoOp, Pool, PoolMode, PoolStats, PoolStatus, VolumeInfo};
 
-use crate::{Error, Result};
+use crate::policy::{Policy, PolicyCounters};
+use crate::{Error, Result, SpacePolicy};
 
 /// The longest request head read; a longer one gets 431.
 const MAX_REQUEST_HEAD: usize = 8 << 10;
@@ -67,7 +68,7 @@ pub(crate) struct MetricsServer {
 
 impl MetricsServer {
     /// Bind `addr` (loopback only) and start answering scrapes of `pool`.
-    pub fn start(pool: Arc<Pool>, addr: SocketAddr) -> Result<MetricsServer> {
+    pub fn start(pool: Arc<Pool>, policy: Arc<Policy>, addr: SocketAddr) -> Result<MetricsServer> {
         check_loopback(addr)?;
         let bind_err = |source| Error::MetricsBind { addr, source };
         let listener = TcpListener::bind(addr).map_err(bind_err)?;
@@ -75,7 +76,7 @@ impl MetricsServer {
         let (wake, wake_rx) = UnixStream::pair().map_err(bind_err)?;
         let thread = std::thread::Builder::new()
             .name("thinpool-metrics".into())
-            .spawn(move || accept_loop(&listener, &wake_rx, &pool))
+            .spawn(move || accept_loop(&listener, &wake_rx, &pool, &policy))
             .map_err(|source| Error::Thread {
                 what: "metrics",
                 source,
@@ -105,10 +106,10 @@ impl MetricsServer {
     }
 }
 
-fn accept_loop(listener: &TcpListener, wake: &UnixStream, pool: &Pool) {
+fn accept_loop(listener: &TcpListener, wake: &UnixStream, pool: &Pool, policy: &Policy) {
     while crate::socket::wait_for_client(listener, wake, "metrics server") {
         match listener.accept() {
-            Ok((mut stream, peer)) => match answer(&mut stream, pool) {
+            Ok((mut stream, peer)) => match answer(&mut stream, pool, policy) {
                 Ok(()) => close_gently(&stream),
                 Err(e) => tracing::debug!(%peer, "metrics request: {e}"),
             },
@@ -118,7 +119,7 @@ fn accept_loop(listener: &TcpListener, wake: &UnixStream, pool: &Pool) {
 }
 
 /// Read one request head, write one response.
-fn answer(stream: &mut TcpStream, pool: &Pool) -> std::io::Result<()> {
+fn answer(stream: &mut TcpStream, pool: &Pool, policy: &Policy) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let deadline = Instant::now() + IO_TIMEOUT;
@@ -162,7 +163,7 @@ fn answer(stream: &mut TcpStream, pool: &Pool) -> std::io::Result<()> {
     if method != "GET" && method != "HEAD" {
         return respond(stream, "405 Method Not Allowed", "", b"");
     }
-    let (status, content_type, body) = match render(pool) {
+    let (status, content_type, body) = match render(pool, policy) {
         Ok(text) => ("200 OK", CONTENT_TYPE, text),
         Err(e) => {
             tracing::warn!("metrics scrape: reading the pool's status failed: {e}");
@@ -232,11 +233,12 @@ fn respond(
 
 /// The exposition text of `pool` now. Commits the pool (through [`Pool::status`]) and walks
 /// every volume's mappings (through [`Pool::volumes`]): O(mapped blocks), not on the I/O path.
-pub(crate) fn render(pool: &Pool) -> thinpool_engine::Result<String> {
+pub(crate) fn render(pool: &Pool, policy: &Policy) -> thinpool_engine::Result<String> {
     let scrape = Scrape {
         status: pool.status()?,
         volumes: pool.volumes()?,
         stats: pool.stats(),
+        policy: (policy.cfg, policy.counters()),
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(scrape));
@@ -252,6 +254,8 @@ struct Scrape {
     status: PoolStatus,
     volumes: Vec<VolumeInfo>,
     stats: PoolStats,
+    /// The space policy and its counters.
+    policy: (SpacePolicy, PolicyCounters),
 }
 
 fn mode_name(mode: PoolMode) -> &'static str {
@@ -476,6 +480,95 @@ impl Collector for Scrape {
             Some(&Unit::Bytes),
             "volume",
             self.volumes.iter().map(|v| (v.name.as_str(), v.size)),
-        )
+        )?;
+        encode_policy(&mut enc, &self.policy.0, &self.policy.1)
     }
+}
+
+const SPACES: [&str; 2] = ["data", "metadata"];
+
+/// The space policy's counters and settings (see `policy`).
+fn encode_policy(e: &mut DescriptorEncoder, cfg: &SpacePolicy, c: &PolicyCounters) -> Fmt {
+    let per = |v: [u64; 2]| SPACES.into_iter().zip(v);
+    counters(
+        e,
+        "thinpool_low_water_events",
+        "Times a space's usage reached the low-water threshold.",
+        None,
+        "space",
+        per(c.low_water),
+    )?;
+    counters(
+        e,
+        "thinpool_autogrow_grows",
+        "Grows the space policy made (limited ones included).",
+        None,
+        "space",
+        per(c.grown),
+    )?;
+    counters(
+        e,
+        "thinpool_autogrow_grown",
+        "Bytes the space policy added to a device.",
+        Some(&Unit::Bytes),
+        "space",
+        per(c.grown_bytes),
+    )?;
+    counters(
+        e,
+        "thinpool_autogrow_limited",
+        "Grows cut short or not made: the maximum or the host file system's free space was reached.",
+        None,
+        "space",
+        per(c.limited),
+    )?;
+    counters(
+        e,
+        "thinpool_autogrow_failed",
+        "Grows that failed.",
+        None,
+        "space",
+        per(c.failed),
+    )?;
+    counters(
+        e,
+        "thinpool_autogrow_block_device",
+        "Times a space over the threshold was a block device, which is not grown.",
+        None,
+        "space",
+        per(c.cannot_grow),
+    )?;
+    gauge(
+        e,
+        "thinpool_autogrow_longest_grow",
+        "The longest grow the space policy made.",
+        Some(&Unit::Seconds),
+        c.longest_grow_ms as f64 / 1e3,
+    )?;
+    gauge(
+        e,
+        "thinpool_low_water_threshold_percent",
+        "Usage, percent of a space's blocks, at which low-water events are recorded and autogrow grows.",
+        None,
+        u64::from(cfg.threshold),
+    )?;
+    let ag = [cfg.data, cfg.metadata];
+    gauges(
+        e,
+        "thinpool_autogrow_step",
+        "Bytes added per grow (0: autogrow off).",
+        Some(&Unit::Bytes),
+        "space",
+        SPACES.into_iter().zip(ag.map(|a| a.map_or(0, |a| a.step))),
+    )?;
+    gauges(
+        e,
+        "thinpool_autogrow_max",
+        "The largest size autogrow grows to (0: no maximum but dm-thin's, or autogrow off).",
+        Some(&Unit::Bytes),
+        "space",
+        SPACES
+            .into_iter()
+            .zip(ag.map(|a| a.and_then(|a| a.max).unwrap_or(0))),
+    )
 }

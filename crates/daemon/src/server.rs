@@ -30,6 +30,7 @@ use thinpool_engine::Pool;
 use crate::handler::handle;
 use crate::layers::Layers;
 use crate::mounts::Mounts;
+use crate::policy::Policy;
 use crate::socket::{self, FileId};
 use crate::{Error, Result};
 
@@ -41,6 +42,8 @@ struct Shared {
     pool: Arc<Pool>,
     mounts: Arc<Mounts>,
     layers: Arc<Layers>,
+    /// The space policy's events ([`Request::PoolEvents`] is answered here).
+    policy: Arc<Policy>,
     root: PathBuf,
     uid: u32,
     /// The answer to `hello`; the NBD endpoints are filled in once that server runs.
@@ -77,6 +80,7 @@ impl ControlServer {
         pool: Arc<Pool>,
         mounts: Arc<Mounts>,
         layers: Arc<Layers>,
+        policy: Arc<Policy>,
         root: &Path,
         path: &Path,
     ) -> Result<ControlServer> {
@@ -91,6 +95,7 @@ impl ControlServer {
             pool,
             mounts,
             layers,
+            policy,
             root: root.to_path_buf(),
             uid,
             hello: Mutex::new(Hello {
@@ -317,6 +322,15 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) {
 /// snapshot steps of `pool check`. The lease lock is held across a reserve or release so that
 /// a connection closing meanwhile sees the outcome.
 fn serve_request(shared: &Shared, req: Request, conn: u64) -> Response {
+    if let Request::PoolEvents { since } = req {
+        return match serde_json::to_value(shared.policy.events(since)) {
+            Ok(value) => Response::Ok { value },
+            Err(e) => Response::Error {
+                kind: ErrorKind::Io,
+                message: format!("encoding the answer: {e}"),
+            },
+        };
+    }
     let step = match &req {
         Request::PoolCheck {
             metadata_snap: Some(step),

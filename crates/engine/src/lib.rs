@@ -49,7 +49,9 @@ use std::path::PathBuf;
 pub use catalog::VolumeKind;
 pub use config::{PoolConfig, PoolOptions};
 pub use datadev::{MoveReport, MoveStage};
-pub use pool::{HostShortfall, Labels, Pool, PoolMode, PoolStatus, VolumeInfo};
+pub use pool::{
+    HostShortfall, Labels, MAX_METADATA_SIZE, Pool, PoolMode, PoolStatus, SpaceUsage, VolumeInfo,
+};
 pub use stats::{COMMIT_BUCKETS_MS, IoOp, OpStats, PoolStats};
 pub use volume::Volume;
 

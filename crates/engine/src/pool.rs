@@ -152,6 +152,9 @@ pub(crate) struct MetaState {
     pub dirty: bool,
     pub mode: PoolMode,
     pub low_water_fired: bool,
+    /// Whether the space watch rang for data and for metadata since it was last re-armed
+    /// (see [`SpaceWatch`]).
+    pub watch_fired: [bool; 2],
     /// Free data blocks known to read as zeros (see `zeroed`).
     pub zeroed: ZeroMap,
     /// Why the pool is read-only or failed, after a metadata operation failed (named in the
@@ -239,6 +242,85 @@ pub struct HostShortfall {
     pub free: u64,
 }
 
+/// Space in use, read from the open transaction without a commit ([`Pool::space_usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SpaceUsage {
+    /// Used data blocks.
+    pub used_data_blocks: u64,
+    /// Data blocks.
+    pub total_data_blocks: u64,
+    /// Used metadata blocks (4 KiB), the kernel's reserve counted as used (as in
+    /// [`PoolStatus`]).
+    pub used_metadata_blocks: u64,
+    /// Metadata blocks.
+    pub total_metadata_blocks: u64,
+    /// Data block size in bytes.
+    pub block_size: u64,
+}
+
+impl SpaceUsage {
+    fn of(md: &ThinMetadata, block_size: u64) -> SpaceUsage {
+        let total_meta = md.nr_metadata_blocks();
+        let free_meta = md
+            .nr_free_metadata_blocks()
+            .saturating_sub((total_meta / 10).min(4096));
+        SpaceUsage {
+            used_data_blocks: md.nr_data_blocks() - md.nr_free_data_blocks(),
+            total_data_blocks: md.nr_data_blocks(),
+            used_metadata_blocks: total_meta - free_meta,
+            total_metadata_blocks: total_meta,
+            block_size,
+        }
+    }
+
+    /// Whether data (`[0]`) and metadata (`[1]`) use at least `percent` of their blocks.
+    pub fn at_or_over(&self, percent: u8) -> [bool; 2] {
+        let over = |used: u64, total: u64| {
+            u128::from(used) * 100 >= u128::from(percent) * u128::from(total.max(1))
+        };
+        [
+            over(self.used_data_blocks, self.total_data_blocks),
+            over(self.used_metadata_blocks, self.total_metadata_blocks),
+        ]
+    }
+}
+
+/// The usage level a watcher waits for ([`Pool::watch_space`], [`Pool::wait_space`]): the
+/// allocation path rings once when data or metadata usage reaches it, and is re-armed when a
+/// watcher finds usage below the level again, or the pool grows. One atomic load per
+/// allocation while nothing rings.
+#[derive(Default)]
+pub(crate) struct SpaceWatch {
+    /// Percent of the blocks in use (0: off).
+    pub percent: std::sync::atomic::AtomicU8,
+    /// How many times it rang.
+    rung: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl SpaceWatch {
+    /// Ring if usage in `st` reached the level and this space has not rung since re-armed.
+    /// Called with the metadata lock held, after an allocation.
+    pub(crate) fn check(&self, st: &mut MetaState, block_size: u64) {
+        let percent = self.percent.load(Ordering::Relaxed);
+        if percent == 0 || st.watch_fired == [true, true] {
+            return;
+        }
+        let over = SpaceUsage::of(&st.md, block_size).at_or_over(percent);
+        let mut ring = false;
+        for (fired, over) in st.watch_fired.iter_mut().zip(over) {
+            if over && !*fired {
+                *fired = true;
+                ring = true;
+            }
+        }
+        if ring {
+            *self.rung.lock().expect("space watch poisoned") += 1;
+            self.cv.notify_all();
+        }
+    }
+}
+
 /// Per-volume runtime state, shared by its handles.
 pub(crate) struct VolState {
     pub name: String,
@@ -270,6 +352,8 @@ pub(crate) struct Inner {
     pub inserts: AtomicU64,
     /// Request, provisioning and commit counters (see `stats`).
     pub stats: Stats,
+    /// Wakes a watcher of the pool's usage (see [`SpaceWatch`]).
+    pub watch: SpaceWatch,
     stop: Mutex<bool>,
     stop_cv: Condvar,
     _lock: File,
@@ -371,7 +455,7 @@ fn check_volume_size(name: &str, size: u64) -> Result<()> {
 
 /// The most metadata dm-thin uses: 255 bitmaps of 16 320 blocks of 4 KiB (format spec 11.3,
 /// ≈ 15.87 GiB); the kernel ignores a device's excess, so a larger file made here is waste.
-const MAX_METADATA_SIZE: u64 = 255 * 16_320 * 4096;
+pub const MAX_METADATA_SIZE: u64 = 255 * 16_320 * 4096;
 
 /// Data block numbers are 40 bits in a mapping (format spec 5.3): a data device of `size`
 /// bytes in blocks of `bs` must have fewer than 2^40 blocks.
@@ -687,6 +771,7 @@ impl Pool {
                 dirty: false,
                 mode,
                 low_water_fired: false,
+                watch_fired: [false; 2],
                 zeroed,
                 failure: None,
                 dropped: (0, String::new()),
@@ -699,6 +784,7 @@ impl Pool {
             prison: Prison::new(),
             inserts: AtomicU64::new(0),
             stats: Stats::default(),
+            watch: SpaceWatch::default(),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             _lock: devs.lock,
@@ -786,6 +872,50 @@ impl Pool {
     /// lock, no I/O (unlike [`status`](Self::status), which commits).
     pub fn stats(&self) -> PoolStats {
         self.inner.stats.snapshot()
+    }
+
+    /// Data and metadata blocks in use and in the pool, in the open transaction. O(1): takes
+    /// the metadata lock for a moment, no I/O, no commit (unlike [`status`](Self::status)).
+    pub fn space_usage(&self) -> SpaceUsage {
+        SpaceUsage::of(&self.inner.md().md, self.inner.block_size)
+    }
+
+    /// Watch the pool's usage: from now on the allocation path wakes [`wait_space`]
+    /// (Self::wait_space) once when data or metadata usage reaches `percent` of its blocks
+    /// (0 turns the watch off). Cheap on the write path: one atomic load per allocation
+    /// while the level is not reached.
+    pub fn watch_space(&self, percent: u8) {
+        self.inner
+            .watch
+            .percent
+            .store(percent.min(100), Ordering::Relaxed);
+    }
+
+    /// Block until the space watch rings after `seen` (the count a previous call returned;
+    /// 0 at first) or `timeout` passes; returns the count. A space whose usage is below the
+    /// watched level now is re-armed first, so that reaching the level again rings again (a
+    /// grow re-arms both).
+    pub fn wait_space(&self, seen: u64, timeout: Duration) -> u64 {
+        let w = &self.inner.watch;
+        let percent = w.percent.load(Ordering::Relaxed);
+        if percent > 0 {
+            let mut st = self.inner.md();
+            let over = SpaceUsage::of(&st.md, self.inner.block_size).at_or_over(percent);
+            for (fired, over) in st.watch_fired.iter_mut().zip(over) {
+                *fired &= over;
+            }
+        }
+        let rung = w.rung.lock().expect("space watch poisoned");
+        let (rung, _) =
+            w.cv.wait_timeout_while(rung, timeout, |r| *r == seen)
+                .expect("space watch poisoned");
+        *rung
+    }
+
+    /// The data and metadata devices' paths (`<root>/pool/data` and `<root>/pool/metadata`,
+    /// or the names of devices handed in).
+    pub fn device_paths(&self) -> (&Path, &Path) {
+        (&self.inner.data_path, &self.inner.metadata_path)
     }
 
     /// Every volume, sorted by name.
@@ -1139,6 +1269,7 @@ impl Pool {
             st.mode = PoolMode::Write;
         }
         st.low_water_fired = false;
+        st.watch_fired = [false; 2];
         drop(st);
         inner.commit()?;
         inner.space.notify_all();

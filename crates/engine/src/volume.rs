@@ -394,6 +394,7 @@ impl Volume {
                     st.low_water_fired = true;
                     tracing::warn!(free, mark, "pool data space below the low-water mark");
                 }
+                self.inner.watch.check(&mut st, self.inner.block_size);
                 return Ok((b, st.zeroed.take(b)));
             }
             if st.dirty && !committed {
