@@ -16,6 +16,9 @@
 //!   `thin_check --clear-needs-check-flag` both open it read-write.
 //! - `needs_check`: `meta check`/`pool check --clear-needs-check-flag` clear NEEDS_CHECK after a
 //!   clean check (the bytes `thin_check`'s option gives), keep it on damage, refuse with a daemon.
+//! - `autogrow`: the pool fills (issue 15): low-water events and autogrow under fio with
+//!   verification on a small host ext4 (grown in steps, never past the host's free space), a
+//!   block-device pool (the event, no grow), metadata autogrow, bad policy values.
 //! - `cli_pool`: `thinpool pool …` and `thinpool vol …` as a user runs them; raw images in and
 //!   out compared byte for byte; `thin_check` on what they leave.
 //! - `cli_info`: `thinpool info`, `vol info`, `pool check`, `completions` and `man`, with and
@@ -50,6 +53,7 @@
 //!   numbers, SIGTERM, thin_check) and its bad inputs.
 //! - `vectors`: the committed dm-thin test vectors are what `testdata/dm-thin/README.md` says.
 
+mod autogrow;
 mod cli_info;
 mod cli_pool;
 mod daemon;
