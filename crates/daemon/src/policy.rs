@@ -593,3 +593,146 @@ fn host_room(pool: &Pool, space: Space) -> Option<HostRoom> {
         may_take,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ag(step: u64, max: Option<u64>) -> Option<Autogrow> {
+        Some(Autogrow { step, max })
+    }
+
+    fn refused(p: SpacePolicy, want: &str) {
+        let e = p.check().expect_err(want).to_string();
+        assert!(e.contains(want), "{e}");
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        let ok = SpacePolicy::default();
+        ok.check().unwrap();
+        for t in [0, 100, 255] {
+            refused(
+                SpacePolicy { threshold: t, ..ok },
+                "give a percentage from 1 to 99",
+            );
+        }
+        refused(
+            SpacePolicy {
+                data: ag(0, None),
+                ..ok
+            },
+            "--autogrow-step 0",
+        );
+        refused(
+            SpacePolicy {
+                metadata: ag(0, None),
+                ..ok
+            },
+            "--metadata-autogrow-step 0",
+        );
+        refused(
+            SpacePolicy {
+                data: ag(1 << 30, Some(1 << 29)),
+                ..ok
+            },
+            "smaller than one --autogrow-step",
+        );
+        refused(
+            SpacePolicy {
+                metadata: ag(4097, None),
+                ..ok
+            },
+            "not a multiple of 4 KiB",
+        );
+        refused(
+            SpacePolicy {
+                metadata: ag(4096, Some(MAX_METADATA_SIZE + 4096)),
+                ..ok
+            },
+            "dm-thin uses at most",
+        );
+        let u = SpaceUsage {
+            used_data_blocks: 0,
+            total_data_blocks: 1024,
+            used_metadata_blocks: 0,
+            total_metadata_blocks: 256,
+            block_size: 1 << 20,
+        };
+        let pool_check = |p: SpacePolicy| p.check_pool(&u).map_err(|e| e.to_string());
+        assert!(
+            pool_check(SpacePolicy {
+                data: ag(64 << 10, None),
+                ..ok
+            })
+            .unwrap_err()
+            .contains("not a multiple of the pool's block size (1048576 bytes)")
+        );
+        assert!(
+            pool_check(SpacePolicy {
+                data: ag(1 << 20, Some(512 << 20)),
+                ..ok
+            })
+            .unwrap_err()
+            .contains("smaller than the data device already is (1073741824 bytes)")
+        );
+        assert!(
+            pool_check(SpacePolicy {
+                metadata: ag(4096, Some(4096)),
+                ..ok
+            })
+            .unwrap_err()
+            .contains("smaller than the metadata device already is (1048576 bytes)")
+        );
+        pool_check(SpacePolicy {
+            data: ag(1 << 20, Some(2 << 30)),
+            metadata: ag(1 << 20, Some(2 << 20)),
+            ..ok
+        })
+        .unwrap();
+    }
+
+    fn event(kind: EventKind, space: Space, sizes: Option<(u64, u64)>) -> PoolEvent {
+        PoolEvent {
+            seq: 0,
+            time: 0,
+            kind,
+            space,
+            used: 1,
+            total: 2,
+            old_size: sizes.map(|s| s.0),
+            new_size: sizes.map(|s| s.1),
+            took_ms: sizes.map(|_| 7),
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn events_are_numbered_bounded_and_counted() {
+        let p = Policy::new(SpacePolicy::default());
+        p.record(event(EventKind::LowWater, Space::Data, None));
+        p.record(event(EventKind::Grown, Space::Data, Some((10, 30))));
+        p.record(event(EventKind::Limited, Space::Metadata, Some((8, 12))));
+        p.record(event(EventKind::Limited, Space::Data, None));
+        p.record(event(EventKind::CannotGrow, Space::Metadata, None));
+        p.record(event(EventKind::GrowFailed, Space::Data, Some((30, 40))));
+        let c = p.counters();
+        assert_eq!(c.low_water, [1, 0]);
+        assert_eq!(c.grown, [1, 1]);
+        assert_eq!(c.grown_bytes, [20, 4]);
+        assert_eq!(c.limited, [1, 1]);
+        assert_eq!(c.cannot_grow, [0, 1]);
+        assert_eq!(c.failed, [1, 0]);
+        assert_eq!(c.longest_grow_ms, 7);
+        let seqs: Vec<u64> = p.events(0).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(p.events(4).len(), 2);
+        for _ in 0..MAX_EVENTS {
+            p.record(event(EventKind::LowWater, Space::Data, None));
+        }
+        let all = p.events(0);
+        assert_eq!(all.len(), MAX_EVENTS);
+        assert_eq!(all[0].seq, 7, "the oldest went first");
+        assert_eq!(all.last().unwrap().seq, 6 + MAX_EVENTS as u64);
+    }
+}

@@ -8,5 +8,6 @@ mod model;
 mod move_data;
 mod nospace;
 mod reconcile;
+mod space_watch;
 mod stats;
 mod zeroing;
