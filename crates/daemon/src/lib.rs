@@ -150,11 +150,11 @@ pub enum Error {
         /// How long the daemon waited.
         secs: u64,
     },
-    /// The NBD server did not stop in time (its socket file was removed or replaced, and so
-    /// was the daemon's second name for it): the pool was committed, but the server still
-    /// holds it until the process exits.
+    /// The NBD server did not stop in time (a client did not read the replies to requests
+    /// it had sent): the pool was committed, but the server still holds it until the process
+    /// exits.
     #[error(
-        "the NBD server did not stop within {secs} s (its socket file was removed or replaced): \
+        "the NBD server did not stop within {secs} s (a client is not reading its replies): \
          the pool at {} is committed and is let go when this process exits",
         root.display()
     )]
@@ -310,8 +310,6 @@ pub struct Daemon {
     /// `Some` until stopped.
     server: Option<ControlServer>,
     nbd: Option<NbdServer>,
-    /// A second name for the NBD server's unix socket, to wake it on stop (see `nbdstop`).
-    nbd_link: Option<nbdstop::WakeLink>,
     /// The NBD server did not stop in time and still holds the pool.
     nbd_stuck: bool,
     fuse: Option<FuseServer>,
@@ -428,7 +426,6 @@ impl Daemon {
             pool: Some(pool),
             server: Some(server),
             nbd: None,
-            nbd_link: None,
             nbd_stuck: false,
             fuse: None,
             mounts,
@@ -445,7 +442,6 @@ impl Daemon {
         if let Some(cfg) = &opts.nbd {
             // On failure, dropping the daemon stops the control server and closes the pool.
             let nbd = NbdServer::start(daemon.pool(), cfg)?;
-            daemon.nbd_link = nbd.unix_socket().and_then(nbdstop::WakeLink::make);
             if let Some(s) = &daemon.server {
                 s.set_nbd(nbd.unix_socket(), nbd.tcp_addr());
             }
@@ -585,7 +581,7 @@ impl Daemon {
             fuse.stop();
         }
         if let Some(nbd) = self.nbd.take()
-            && !nbdstop::stop(nbd, self.nbd_link.take())
+            && !nbdstop::stop(nbd)
         {
             self.nbd_stuck = true;
         }

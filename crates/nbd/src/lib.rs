@@ -160,7 +160,7 @@ impl NbdConfig {
 #[non_exhaustive]
 pub enum Error {
     /// A socket could not be bound.
-    #[error("cannot listen on {what}: {source}")]
+    #[error("cannot listen on {what}")]
     Bind {
         /// Which socket.
         what: String,

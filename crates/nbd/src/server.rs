@@ -7,11 +7,24 @@
 //! they were for. A thread that cannot be created must be turned down here: the Rust runtime
 //! aborts the process when a thread it did create cannot get its signal stack (the memory
 //! map limit, about 16 000 threads, is what about 1 000 connections of 16 threads each met).
+//!
+//! ```text
+//! accept thread: poll(listener, wake) ──▶ accept all waiting ──▶ admit? ──▶ connection thread
+//!        ▲                                                     └ no: close
+//!   stop(): write wake, join acceptors, shut connections' reads, join them, remove our socket
+//! ```
+//!
+//! The stop wakes the accept threads through a socket pair of their own, not through the
+//! listening socket's path: that path may have been removed, or taken by another file, while
+//! the server ran. For the same reason the socket file is removed at the end only if it is
+//! still the one the server bound (same device and inode).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write as _;
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,7 +37,7 @@ use thinpool_engine::Pool;
 use crate::handshake::{Outcome, negotiate};
 use crate::sock::Sock;
 use crate::tls::Pump;
-use crate::transmit::Conn;
+use crate::transmit::{Budget, Conn, GLOBAL_BYTES};
 use crate::{Error, NbdConfig};
 
 /// Refusals past the connection limit are reported at most this often.
@@ -68,6 +81,8 @@ pub(crate) struct Shared {
     deadline_added: Condvar,
     /// Workers running besides the connections' own threads.
     extra_workers: Arc<AtomicUsize>,
+    /// Request data in flight over all connections.
+    in_flight: Arc<Budget>,
 }
 
 impl Shared {
@@ -80,8 +95,29 @@ impl Shared {
 pub struct NbdServer {
     shared: Arc<Shared>,
     unix: Option<PathBuf>,
+    /// The socket file the server bound at `unix`, to remove only that one.
+    unix_file: Option<FileId>,
     tcp: Option<SocketAddr>,
     acceptors: Vec<JoinHandle<()>>,
+    /// Written to on stop: its peer, which the accept threads poll, becomes readable.
+    wake: UnixStream,
+}
+
+/// Which file a socket is: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> io::Result<FileId> {
+        let m = path.symlink_metadata()?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
 }
 
 fn bind_err(what: String) -> impl FnOnce(io::Error) -> Error {
@@ -119,55 +155,50 @@ impl NbdServer {
             deadlines: Mutex::new(HashMap::new()),
             deadline_added: Condvar::new(),
             extra_workers: Arc::new(AtomicUsize::new(0)),
+            in_flight: Arc::new(Budget::new(GLOBAL_BYTES)),
         });
+        let (wake, woken) =
+            UnixStream::pair().map_err(bind_err("the stop signal's socket pair".into()))?;
+        let woken = Arc::new(woken);
         let mut server = NbdServer {
             shared: shared.clone(),
             unix: None,
+            unix_file: None,
             tcp: None,
             acceptors: Vec::new(),
+            wake,
         };
         let sh = shared.clone();
         server
             .acceptors
             .push(spawn("nbd-watchdog", move || watch_handshakes(&sh))?);
         if let Some(path) = &cfg.unix_socket {
-            let l = bind_unix(path)?;
+            let (l, id) = bind_unix(path)?;
             server.unix = Some(path.clone());
+            server.unix_file = Some(id);
             let sh = shared.clone();
+            let woken = woken.clone();
             server.acceptors.push(spawn("nbd-accept-unix", move || {
-                for s in l.incoming() {
-                    if sh.is_stopping() {
-                        break;
-                    }
-                    match s {
-                        Ok(s) => start_connection(&sh, Sock::Unix(s), false),
-                        Err(e) => accept_failed(&e),
-                    }
-                }
+                accept_loop(&sh, &l, &woken, "unix socket", |l| {
+                    l.accept().map(|(s, _)| (Sock::Unix(s), false))
+                })
             })?);
             tracing::info!("NBD server listening on unix socket {}", path.display());
         }
         if let Some(addr) = cfg.tcp {
-            let l = TcpListener::bind(addr).map_err(bind_err(format!("TCP address {addr}")))?;
-            let local = l
-                .local_addr()
-                .map_err(bind_err(format!("TCP address {addr}")))?;
+            let err = || bind_err(format!("TCP address {addr}"));
+            let l = TcpListener::bind(addr).map_err(err())?;
+            let local = l.local_addr().map_err(err())?;
+            l.set_nonblocking(true).map_err(err())?;
             server.tcp = Some(local);
             let sh = shared.clone();
             let tls_required = sh.tls.is_some();
             server.acceptors.push(spawn("nbd-accept-tcp", move || {
-                for s in l.incoming() {
-                    if sh.is_stopping() {
-                        break;
-                    }
-                    match s {
-                        Ok(s) => {
-                            let _ = s.set_nodelay(true);
-                            start_connection(&sh, Sock::Tcp(s), tls_required)
-                        }
-                        Err(e) => accept_failed(&e),
-                    }
-                }
+                accept_loop(&sh, &l, &woken, "TCP", |l| {
+                    let (s, _) = l.accept()?;
+                    let _ = s.set_nodelay(true);
+                    Ok((Sock::Tcp(s), tls_required))
+                })
             })?);
             tracing::info!(tls = tls_required, "NBD server listening on TCP {local}");
             if !tls_required {
@@ -210,18 +241,17 @@ impl NbdServer {
         // of `stopping` and its wait).
         drop(self.shared.deadlines.lock());
         self.shared.deadline_added.notify_all();
-        // Wake the acceptors with a connection of our own.
-        if let Some(p) = &self.unix {
-            let _ = UnixStream::connect(p);
-        }
-        if let Some(a) = self.tcp {
-            let _ = TcpStream::connect_timeout(&a, Duration::from_secs(1));
+        // Wake the acceptors: their poll sees the other end of the pair readable.
+        if let Err(e) = self.wake.write_all(b"x") {
+            // Cannot happen with an empty pair we own; without it the join below would hang.
+            tracing::error!("cannot wake the NBD accept threads: {e}");
+            return;
         }
         for a in self.acceptors.drain(..) {
             let _ = a.join();
         }
-        if let Some(p) = &self.unix {
-            let _ = std::fs::remove_file(p);
+        if let (Some(p), Some(id)) = (&self.unix, self.unix_file) {
+            remove_if_ours(p, id);
         }
         for s in self
             .shared
@@ -369,6 +399,50 @@ impl Shared {
     }
 }
 
+/// Accept connections on `listener` (non-blocking) until `woken` becomes readable.
+fn accept_loop<L: AsFd>(
+    shared: &Arc<Shared>,
+    listener: &L,
+    woken: &UnixStream,
+    what: &str,
+    accept: impl Fn(&L) -> io::Result<(Sock, bool)>,
+) {
+    while wait_for_client(listener, woken, what) {
+        // Take every connection waiting: a flood is turned down in one pass.
+        while !shared.is_stopping() {
+            match accept(listener) {
+                Ok((s, tls_required)) => start_connection(shared, s, tls_required),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    accept_failed(&e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Block until `listener` has a connection to accept (`true`) or `woken` becomes readable,
+/// the stop signal (`false`). A failing poll is logged and ends the accept loop.
+fn wait_for_client(listener: &impl AsFd, woken: &UnixStream, what: &str) -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(woken, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => return fds[1].revents().is_empty(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!("NBD server on {what}: poll failed, no longer accepting: {e}");
+                return false;
+            }
+        }
+    }
+}
+
 fn accept_failed(e: &io::Error) {
     tracing::warn!("accepting a connection failed: {e}");
     // Out of file descriptors and the like: do not spin.
@@ -376,8 +450,9 @@ fn accept_failed(e: &io::Error) {
 }
 
 /// Bind a unix socket: a stale socket file (nobody listening) is replaced; a live one is an
-/// error. The socket is made accessible to its owner only.
-fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+/// error. The socket is made accessible to its owner only, and does not block on accept.
+/// Returns the listener and the socket file's identity.
+fn bind_unix(path: &Path) -> Result<(UnixListener, FileId), Error> {
     let err = || bind_err(format!("unix socket {}", path.display()));
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -389,8 +464,27 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
         std::fs::remove_file(path).map_err(err())?;
     }
     let l = UnixListener::bind(path).map_err(err())?;
+    let id = FileId::of(path).map_err(err())?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err())?;
-    Ok(l)
+    l.set_nonblocking(true).map_err(err())?;
+    Ok((l, id))
+}
+
+/// Remove the socket file at `path` if it is still the one the server bound: a file someone
+/// else put there after removing ours is left alone.
+fn remove_if_ours(path: &Path, id: FileId) {
+    match FileId::of(path) {
+        Ok(now) if now == id => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("removing the NBD socket {}: {e}", path.display());
+            }
+        }
+        Ok(_) => tracing::warn!(
+            "the NBD socket {} was replaced by another file; leaving it",
+            path.display()
+        ),
+        Err(_) => {}
+    }
 }
 
 /// Run one connection on a thread of its own: the handshake, then transmission (which adds
@@ -508,7 +602,13 @@ fn run_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool, id: u64)
         flags = session.flags,
         "client connected"
     );
-    let conn = match Conn::new(sock, session, id, shared.extra_workers.clone()) {
+    let conn = match Conn::new(
+        sock,
+        session,
+        id,
+        shared.extra_workers.clone(),
+        shared.in_flight.clone(),
+    ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::warn!(conn = id, "cannot set up the connection: {e}");
@@ -518,4 +618,72 @@ fn run_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool, id: u64)
     conn.serve();
     conn.join_workers();
     tracing::info!(conn = id, "client disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt as _;
+    use thinpool_engine::{PoolConfig, PoolOptions};
+
+    fn pool(dir: &Path) -> Arc<Pool> {
+        let cfg = PoolConfig {
+            data_size: 64 << 20,
+            metadata_size: 4 << 20,
+            ..Default::default()
+        };
+        Arc::new(Pool::create(dir, &cfg, PoolOptions::default()).unwrap())
+    }
+
+    /// A server on `dir/nbd.sock` (and TCP) for a new pool in a folder of its own in `dir`.
+    fn serve(dir: &Path, tcp: bool) -> NbdServer {
+        let root = (0..)
+            .map(|n| dir.join(format!("pool{n}")))
+            .find(|p| std::fs::create_dir(p).is_ok())
+            .unwrap();
+        let cfg = NbdConfig {
+            unix_socket: Some(dir.join("nbd.sock")),
+            tcp: tcp.then(|| "127.0.0.1:0".parse().unwrap()),
+            insecure_tcp: true,
+            ..Default::default()
+        };
+        NbdServer::start(pool(&root), &cfg).unwrap()
+    }
+
+    /// The stop used to wake its accept thread by connecting to the socket's path: with the
+    /// file gone it waited forever.
+    #[test]
+    fn stops_with_its_socket_file_removed_and_leaves_another_file_there() {
+        for tcp in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let srv = serve(dir.path(), tcp);
+            let sock = dir.path().join("nbd.sock");
+            std::fs::remove_file(&sock).unwrap();
+            std::fs::write(&sock, b"someone else's").unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                srv.stop();
+                tx.send(()).unwrap();
+            });
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("stop did not return within 10 s");
+            assert_eq!(std::fs::read(&sock).unwrap(), b"someone else's");
+        }
+    }
+
+    #[test]
+    fn stop_removes_its_own_socket_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let srv = serve(dir.path(), false);
+        assert!(sock.symlink_metadata().unwrap().file_type().is_socket());
+        srv.stop();
+        assert!(!sock.exists(), "the server's own socket is removed");
+        // Another listener put in its place (moved away first, so the inode is not reused).
+        let srv = serve(dir.path(), false);
+        std::fs::rename(&sock, dir.path().join("old.sock")).unwrap();
+        let _other = UnixListener::bind(&sock).unwrap();
+        srv.stop();
+        assert!(sock.symlink_metadata().unwrap().file_type().is_socket());
+    }
 }

@@ -17,6 +17,23 @@
 //! instead of 16; one that pipelines grows its workers in its first few requests and keeps
 //! them until it leaves, so the steady state is the same as with all of them started at once.
 //! [`MAX_EXTRA_WORKERS`] bounds the workers of all connections together.
+//!
+//! Memory is bounded however a client behaves. A request's data (a write's payload, a read's
+//! buffer) is counted in flight from before it is read or made until its reply has been
+//! written: at most [`CONN_BYTES`] per connection and [`GLOBAL_BYTES`] over all of them. The
+//! worker holding the reader role waits for room before it reads a payload or hands the role
+//! on, so past the bound the connection's socket is simply not read: a client that pipelines
+//! without reading its replies fills the kernel's socket buffers, then its own writes block,
+//! and what it pins here is at most [`WORKERS`] requests of at most [`CONN_BYTES`] together.
+//! Room comes back as replies go out (nothing waits on a reader that is itself waiting, so
+//! this cannot deadlock). Between requests a worker keeps a buffer of at most [`KEEP_BUF`]
+//! (the sizes clients use most); a larger one is freed with its request.
+//!
+//! ```text
+//!  socket ─▶ reader role: header ─▶ take room (conn, then global) ─▶ payload ─▶ hand role on
+//!                                        ▲ waits here: socket unread         │
+//!                                        └──── room given back ◀── reply sent ◀─ serve
+//! ```
 
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
@@ -39,6 +56,96 @@ pub(crate) const WORKERS: usize = 16;
 /// guard pages) of the 65 530 Linux gives a process by default, and a thread that cannot get
 /// its signal stack aborts the process.
 pub(crate) const MAX_EXTRA_WORKERS: usize = 4096;
+
+/// Bytes of request data in flight per connection (see the module docs). Twice a request of
+/// [`MAX_PAYLOAD`], so that the largest requests still overlap.
+pub(crate) const CONN_BYTES: u64 = 2 * MAX_PAYLOAD as u64;
+
+/// Bytes of request data in flight over all connections (see the module docs).
+pub(crate) const GLOBAL_BYTES: u64 = 1 << 30;
+
+/// The largest buffer a worker keeps between requests.
+const KEEP_BUF: usize = 1 << 20;
+
+/// Bytes in flight under a bound: taken before a request's data is read or made, given back
+/// (by dropping the [`Room`]) once its reply is written.
+pub(crate) struct Budget {
+    cap: u64,
+    state: Mutex<BudgetState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    used: u64,
+    /// Takers waiting for room (the giver wakes them only if there are any: a wake costs a
+    /// system call on every request otherwise).
+    waiting: usize,
+}
+
+impl Budget {
+    pub fn new(cap: u64) -> Budget {
+        Budget {
+            cap,
+            state: Mutex::new(BudgetState::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Take `n` bytes, blocking while they do not fit. A taker asking for more than the whole
+    /// bound gets it once nothing else is held, so any request is served eventually.
+    fn take(&self, n: u64) -> Room<'_> {
+        if n == 0 {
+            return Room { budget: self, n };
+        }
+        let Ok(mut s) = self.state.lock() else {
+            // A poisoned lock: a worker panicked. Serve on without the bound rather than stop.
+            return Room { budget: self, n: 0 };
+        };
+        while s.used > 0 && s.used + n > self.cap {
+            s.waiting += 1;
+            s = match self.freed.wait(s) {
+                Ok(s) => s,
+                Err(_) => return Room { budget: self, n: 0 },
+            };
+            s.waiting -= 1;
+        }
+        s.used += n;
+        Room { budget: self, n }
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    fn used(&self) -> u64 {
+        self.state.lock().map(|s| s.used).unwrap_or(0)
+    }
+}
+
+/// Room taken in a [`Budget`], given back when dropped.
+struct Room<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if self.n == 0 {
+            return;
+        }
+        if let Ok(mut s) = self.budget.state.lock() {
+            s.used -= self.n;
+            if s.waiting > 0 {
+                self.budget.freed.notify_all();
+            }
+        }
+    }
+}
+
+/// The room a request holds in its connection's budget and in the global one.
+struct InFlight<'a> {
+    _conn: Room<'a>,
+    _global: Room<'a>,
+}
 
 /// A place among the [`MAX_EXTRA_WORKERS`], given back when its worker ends.
 struct Extra(Arc<AtomicUsize>);
@@ -90,6 +197,10 @@ pub(crate) struct Conn {
     started: Mutex<Vec<JoinHandle<()>>>,
     /// Extra workers running over all connections (see [`MAX_EXTRA_WORKERS`]).
     extra: Arc<AtomicUsize>,
+    /// Request data in flight on this connection ([`CONN_BYTES`]).
+    in_flight: Budget,
+    /// Request data in flight over all connections ([`GLOBAL_BYTES`]).
+    global: Arc<Budget>,
     writer: Mutex<Sock>,
     /// Set when the client disconnected or broke the protocol: no more requests are read.
     done: AtomicBool,
@@ -99,7 +210,13 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub fn new(sock: Sock, session: Session, id: u64, extra: Arc<AtomicUsize>) -> io::Result<Conn> {
+    pub fn new(
+        sock: Sock,
+        session: Session,
+        id: u64,
+        extra: Arc<AtomicUsize>,
+        global: Arc<Budget>,
+    ) -> io::Result<Conn> {
         let writer = sock.try_clone()?;
         let rules = ExportRules {
             size: session.volume.size(),
@@ -117,6 +234,8 @@ impl Conn {
             parked: Condvar::new(),
             started: Mutex::new(Vec::new()),
             extra,
+            in_flight: Budget::new(CONN_BYTES),
+            global,
             writer: Mutex::new(writer),
             done: AtomicBool::new(false),
             session,
@@ -128,8 +247,13 @@ impl Conn {
     /// Serve requests until the client leaves. Runs on every worker thread of the connection.
     pub fn serve(self: &Arc<Self>) {
         let mut buf: Vec<u8> = Vec::new();
-        while let Some(req) = self.next_request(&mut buf) {
-            if let Err(e) = self.handle(&req, &mut buf) {
+        while let Some((req, room)) = self.next_request(&mut buf) {
+            let r = self.handle(&req, &mut buf);
+            drop(room);
+            if buf.capacity() > KEEP_BUF {
+                buf = Vec::new();
+            }
+            if let Err(e) = r {
                 tracing::debug!(conn = self.id, "writing a reply failed: {e}");
                 self.stop();
                 break;
@@ -195,9 +319,9 @@ impl Conn {
         self.parked.notify_all();
     }
 
-    /// Read the next request (and a write's payload into `buf`), or `None` when the
-    /// connection is over.
-    fn next_request(self: &Arc<Self>, buf: &mut Vec<u8>) -> Option<Request> {
+    /// Read the next request (and a write's payload into `buf`) with the room its data holds
+    /// until it is answered, or `None` when the connection is over.
+    fn next_request(self: &Arc<Self>, buf: &mut Vec<u8>) -> Option<(Request, InFlight<'_>)> {
         {
             let mut t = self.turn.lock().ok()?;
             while t.role == Role::Reading && !self.done.load(Ordering::SeqCst) {
@@ -242,8 +366,9 @@ impl Conn {
         r
     }
 
-    /// Read one request; only the worker holding the reader role calls this.
-    fn read_request(&self, buf: &mut Vec<u8>) -> Option<Request> {
+    /// Read one request; only the worker holding the reader role calls this. It waits for
+    /// room for the request's data before reading a payload (see the module docs).
+    fn read_request(&self, buf: &mut Vec<u8>) -> Option<(Request, InFlight<'_>)> {
         let mut r = self.reader.lock().ok()?;
         let mut h = [0u8; REQUEST_LEN];
         if let Err(e) = r.read_exact(&mut h) {
@@ -262,6 +387,16 @@ impl Conn {
         if req.kind == CMD_DISC {
             return None;
         }
+        // A read past MAX_PAYLOAD is refused without a buffer; a write past it closes below.
+        let data = if req.has_payload() || (req.kind == CMD_READ && req.length <= MAX_PAYLOAD) {
+            u64::from(req.length.min(MAX_PAYLOAD))
+        } else {
+            0
+        };
+        let room = InFlight {
+            _conn: self.in_flight.take(data),
+            _global: self.global.take(data),
+        };
         if req.has_payload() {
             if req.length > MAX_PAYLOAD {
                 // The payload cannot be skipped safely at this size: the protocol lets us close.
@@ -278,7 +413,7 @@ impl Conn {
                 return None;
             }
         }
-        Some(req)
+        Some((req, room))
     }
 
     fn handle(&self, req: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
@@ -490,4 +625,42 @@ fn write_allocated_zeroes(vol: &Volume, offset: u64, len: u64) -> thinpool_engin
         pos += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn budget_waits_for_room_and_lets_an_oversized_taker_through_alone() {
+        let b = Arc::new(Budget::new(100));
+        let first = b.take(60);
+        let (tx, rx) = mpsc::channel();
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            let r = b2.take(60);
+            tx.send(()).unwrap();
+            drop(r);
+            // Past the bound: taken once nothing else is held.
+            let big = b2.take(500);
+            assert_eq!(b2.used(), 500);
+            drop(big);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "60 + 60 bytes fit under a bound of 100"
+        );
+        assert_eq!(b.used(), 60);
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the taker was not woken when room came back");
+        t.join().unwrap();
+        assert_eq!(b.used(), 0);
+        // Nothing to take: no waiting even when full.
+        let _full = b.take(100);
+        let none = b.take(0);
+        assert_eq!(none.n, 0);
+    }
 }
