@@ -30,9 +30,10 @@
 //! Events are kept in a ring of [`MAX_EVENTS`], numbered from 1, for
 //! [`Request::PoolEvents`](thinpool_control::Request); counters go to the metrics endpoint.
 //!
-//! The pause a grow causes: [`Pool::grow`] holds the metadata lock while it extends the file
-//! and the space map, then commits; writes that need a new block wait for that lock, others
-//! do not. Each event of a grow carries how long it took (`took_ms`).
+//! The pause a grow causes: [`Pool::grow_uncommitted`] holds the metadata lock while it
+//! extends the file and the space map (microseconds), and leaves the commit to the commit
+//! timer, so no data sync stands between a full pool and its queued writers. Each event of a
+//! grow carries how long it took (`took_ms`).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -496,7 +497,9 @@ fn look(pool: &Pool, policy: &Policy, space: Space, st: &mut SpaceState) {
             Space::Metadata => (None, Some(new)),
         };
         let t = Instant::now();
-        let r = pool.grow(data, meta);
+        // Without a commit: the pause is the metadata lock's part only (see
+        // `Pool::grow_uncommitted`); the commit timer makes it durable within a second.
+        let r = pool.grow_uncommitted(data, meta);
         let took_ms = Some(t.elapsed().as_millis() as u64);
         let sized = |mut e: PoolEvent| {
             e.old_size = Some(cur);

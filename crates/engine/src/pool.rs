@@ -1209,8 +1209,33 @@ impl Pool {
     }
 
     /// Grow the data and/or metadata device online (bytes; `None` = take the device's
-    /// current size, for block devices grown underneath). Shrinking is refused.
+    /// current size, for block devices grown underneath). Shrinking is refused. Durable when
+    /// it returns (one commit).
     pub fn grow(&self, data_size: Option<u64>, metadata_size: Option<u64>) -> Result<()> {
+        self.grow_inner(data_size, metadata_size, true)
+    }
+
+    /// [`grow`](Self::grow) without its commit: returns once the open transaction holds the
+    /// new size (the metadata lock is held for the file's extension and the space map's, a
+    /// few microseconds to milliseconds), and writers queued on a full pool go on at once.
+    /// The commit timer, or the next flush, makes it durable; a crash before that leaves
+    /// the data file larger than the metadata says, which the next open takes (as for a block
+    /// device grown underneath), and a metadata file larger, which the next grow takes. For
+    /// the daemon's autogrow, whose pause must not include a data sync.
+    pub fn grow_uncommitted(
+        &self,
+        data_size: Option<u64>,
+        metadata_size: Option<u64>,
+    ) -> Result<()> {
+        self.grow_inner(data_size, metadata_size, false)
+    }
+
+    fn grow_inner(
+        &self,
+        data_size: Option<u64>,
+        metadata_size: Option<u64>,
+        commit: bool,
+    ) -> Result<()> {
         let inner = &self.inner;
         if inner.opts.read_only {
             return Err(inner.read_only_error());
@@ -1219,6 +1244,9 @@ impl Pool {
             check_data_blocks(size, inner.block_size)?;
         }
         let mut st = inner.md();
+        // How long writers needing a block wait on the metadata lock for this grow (the
+        // commit's own hold comes on top, as for any commit).
+        let locked = Instant::now();
         if st.md.needs_check() {
             return Err(Error::ReadOnly(
                 "the metadata needs a check (NEEDS_CHECK): with no daemon running, `thinpool pool \
@@ -1271,9 +1299,23 @@ impl Pool {
         st.low_water_fired = false;
         st.watch_fired = [false; 2];
         drop(st);
-        inner.commit()?;
+        let locked_us = locked.elapsed().as_micros() as u64;
+        // Writers queued on a full pool go on now, in the open transaction that holds the
+        // new size, not after the commit's data sync (hundreds of milliseconds under load):
+        // if the commit fails, the abort drops the size and their mappings together.
         inner.space.notify_all();
-        tracing::info!(data_size, metadata_size, "pool grown");
+        let committing = Instant::now();
+        if commit {
+            inner.commit()?;
+        }
+        tracing::info!(
+            data_size,
+            metadata_size,
+            locked_us,
+            commit_us = committing.elapsed().as_micros() as u64,
+            committed = commit,
+            "pool grown"
+        );
         Ok(())
     }
 
