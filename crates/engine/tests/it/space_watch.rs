@@ -79,3 +79,63 @@ fn the_watch_rings_once_per_crossing_and_a_grow_rearms_it() {
     pool.close().unwrap();
     check_closed_pool(dir.path(), have_tool("thin_check"), "after the watch");
 }
+
+/// `Pool::grow_uncommitted` leaves the commit to the timer; a crash before it leaves the data
+/// file grown and the metadata at its last commit: the next open takes the file's size, and
+/// what was committed is there.
+#[test]
+fn an_uncommitted_grow_is_taken_at_the_next_open_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PoolOptions {
+        commit_interval: None,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::create(dir.path(), &small_config(BLOCKS, 4), opts.clone()).unwrap();
+    pool.create_volume("a", 8 * BLOCKS * BS).unwrap();
+    let a = pool.open_volume("a").unwrap();
+    fill(&a, 0, 10);
+    pool.commit().unwrap();
+    pool.grow_uncommitted(Some(2 * BLOCKS * BS), None).unwrap();
+    assert_eq!(pool.space_usage().total_data_blocks, 2 * BLOCKS);
+    // The files as a crash now leaves them (nothing was committed since the grow).
+    let crash = tempfile::tempdir().unwrap();
+    std::fs::create_dir(crash.path().join("pool")).unwrap();
+    for f in ["pool/data", "pool/metadata", "volumes.json"] {
+        std::fs::copy(dir.path().join(f), crash.path().join(f))
+            .unwrap_or_else(|e| panic!("copying {f}: {e}"));
+    }
+    assert_eq!(
+        std::fs::metadata(crash.path().join("pool/data"))
+            .unwrap()
+            .len(),
+        2 * BLOCKS * BS
+    );
+    drop(a);
+    pool.close().unwrap();
+
+    // Read-only, the metadata's own size shows: the grow was not committed.
+    let look = Pool::open(
+        crash.path(),
+        PoolOptions {
+            read_only: true,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(look.space_usage().total_data_blocks, BLOCKS);
+    drop(look);
+    let back = Pool::open(crash.path(), opts).unwrap();
+    assert_eq!(back.status().unwrap().total_data_blocks, 2 * BLOCKS);
+    let a = back.open_volume("a").unwrap();
+    for b in 0..10 {
+        let mut buf = vec![0u8; BS as usize];
+        a.read_at(&mut buf, b * BS).unwrap();
+        assert!(
+            first_diff(&buf, &pattern(b + 1, b * BS, BS as usize)).is_none(),
+            "block {b}"
+        );
+    }
+    drop(a);
+    back.close().unwrap();
+    check_closed_pool(crash.path(), have_tool("thin_check"), "after the crash");
+}
