@@ -29,7 +29,9 @@
 //!   nbdsh, fio, TLS) and a raw protocol client.
 //! - `nbd_access`: TCP without TLS refused unless `--insecure-tcp`; PSK identities restricted
 //!   to volumes with `--psk-exports` (issue 15).
-//! - `nbd_limits`: NBD connection limit, handshake deadline, 1 000 connections served on (issue 15).
+//! - `nbd_limits`: NBD connection limit (unix and TCP), handshake deadline, 1 000 connections
+//!   served on, 10 000 pipelined requests and 32 MiB reads with replies unread in bounded memory,
+//!   1 500-connection floods on unix and TCP with a client served throughout (issue 15).
 //! - `fuse`: volumes as files: `thinpool up`'s FUSE mount driven with dd, cp, du, fallocate,
 //!   truncate, qemu-img and lseek; kill -9 and restart; a loop device carrying ext4.
 //! - `filesystems`: `thinpool mount --mkfs ext4|xfs`, trees compared, frozen snapshots mounted

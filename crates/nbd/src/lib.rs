@@ -78,7 +78,9 @@ pub struct NbdConfig {
     /// past the limit is closed as soon as it is accepted (no thread is started for it) and
     /// the server goes on serving the others. Each connection has one thread, and up to
     /// 16 while its client keeps that many requests in flight (4 096 such extra threads at most
-    /// over all connections).
+    /// over all connections), and at most 64 MiB of request data in flight (1 GiB over all
+    /// connections): past that the server stops reading the client's socket until replies
+    /// have gone out.
     pub max_connections: usize,
     /// A client that has not picked an export by then (`NBD_OPT_GO`/`EXPORT_NAME`) is closed,
     /// however it trickles bytes. Established connections have no idle limit: NBD clients
