@@ -24,7 +24,7 @@ use std::io;
 use std::io::Write as _;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -450,22 +450,43 @@ fn accept_failed(e: &io::Error) {
 }
 
 /// Bind a unix socket: a stale socket file (nobody listening) is replaced; a live one is an
-/// error. The socket is made accessible to its owner only, and does not block on accept.
-/// Returns the listener and the socket file's identity.
+/// error. The socket is bound under a temporary name in the same folder, given mode 0600 and
+/// renamed into place, so the path never shows a socket others may connect to (`umask` is
+/// per process and would race with other threads). It does not block on accept. Returns
+/// the listener and the socket file's identity.
 fn bind_unix(path: &Path) -> Result<(UnixListener, FileId), Error> {
     let err = || bind_err(format!("unix socket {}", path.display()));
-    if path.exists() {
+    if let Ok(m) = path.symlink_metadata() {
+        if !m.file_type().is_socket() {
+            return Err(Error::Config(format!(
+                "{} exists and is not a socket: move it out of the way",
+                path.display()
+            )));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(Error::Config(format!(
                 "{} is in use by another server",
                 path.display()
             )));
         }
-        std::fs::remove_file(path).map_err(err())?;
     }
-    let l = UnixListener::bind(path).map_err(err())?;
-    let id = FileId::of(path).map_err(err())?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err())?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "nbd.sock".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    // Left over by an earlier process with our pid: nobody can be serving it.
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(err())?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| FileId::of(&tmp))
+        .and_then(|id| std::fs::rename(&tmp, path).map(|()| id));
+    let id = match placed {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err()(e));
+        }
+    };
     l.set_nonblocking(true).map_err(err())?;
     Ok((l, id))
 }
@@ -623,7 +644,6 @@ fn run_connection(shared: &Arc<Shared>, sock: Sock, tls_required: bool, id: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileTypeExt as _;
     use thinpool_engine::{PoolConfig, PoolOptions};
 
     fn pool(dir: &Path) -> Arc<Pool> {
@@ -669,6 +689,37 @@ mod tests {
                 .expect("stop did not return within 10 s");
             assert_eq!(std::fs::read(&sock).unwrap(), b"someone else's");
         }
+    }
+
+    /// The socket appears at its path with mode 0600 (bound under a temporary name first,
+    /// which does not stay behind); a stale socket is replaced, anything else refused.
+    #[test]
+    fn the_socket_is_private_from_the_start_and_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let stale = UnixListener::bind(&sock).unwrap();
+        drop(stale);
+        let srv = serve(dir.path(), false);
+        let meta = sock.symlink_metadata().unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("sock"))
+            .collect();
+        assert_eq!(names, ["nbd.sock"]);
+        srv.stop();
+        std::fs::write(&sock, b"not a socket").unwrap();
+        let cfg = NbdConfig {
+            unix_socket: Some(sock.clone()),
+            ..Default::default()
+        };
+        let root = dir.path().join("pool-x");
+        std::fs::create_dir(&root).unwrap();
+        let e = NbdServer::start(pool(&root), &cfg).err().expect("refused");
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&sock).unwrap(), b"not a socket");
     }
 
     #[test]
