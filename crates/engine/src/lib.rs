@@ -9,6 +9,7 @@
 //! <root>/pool/data       data device: sparse file, or a symlink to a block device
 //! <root>/pool/metadata   metadata device (dm-thin v2 format)
 //! <root>/volumes.json    names, sizes, parents, kinds; tagged with the transaction id
+//! <root>/volumes.journal changes since volumes.json, appended (catalogs of 1 024+ volumes)
 //! <root>/lock            held by the one process that has the pool open
 //! ```
 //!

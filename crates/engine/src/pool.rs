@@ -640,7 +640,7 @@ impl Pool {
             ThinMetadata::format(devs.meta.clone(), (block_size / SECTOR) as u32, nr_data)?;
         md.set_cache_limit(cache_blocks)?;
         md.set_dirty_limit(cache_blocks);
-        let catalog = Catalog::new(root, md.transaction_id());
+        let mut catalog = Catalog::new(root, md.transaction_id());
         catalog.save()?;
         tracing::info!(root = %root.display(), nr_data, block_size, "pool created");
         Ok(Self::start(root, devs, block_size, opts, md, catalog))

@@ -378,3 +378,83 @@ fn removing_an_origin_clears_its_snapshots_parent() {
     let pool = Pool::open(root, opts()).unwrap();
     assert_eq!(pool.volume_info("s2").unwrap().parent, None);
 }
+
+/// A catalog of more than `JOURNAL_FROM` (1 024) volumes appends each change to
+/// `volumes.journal` instead of rewriting `volumes.json` (issue 16), and the hand-over with the
+/// metadata stays the same: reopened, the journal's records make the catalog; a metadata image
+/// older than the journal's last records (the commit after the append never happened) gets
+/// those entries dropped by the usual reconcile rules, a removal intent rolled forward, and
+/// nothing written is lost.
+#[test]
+fn a_large_catalog_is_journaled_and_reconciled_like_a_whole_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pool = Pool::create(root, &small_config(256, 16), opts()).unwrap();
+    for i in 0..1030 {
+        pool.create_volume(&format!("v{i}"), GIB).unwrap();
+    }
+    write(&pool, "v7", 1, 0, 8192);
+    pool.snapshot("v7", "s7").unwrap();
+    write(&pool, "s7", 2, 4096, 4096);
+    pool.commit().unwrap();
+    let whole = std::fs::read(root.join("volumes.json")).unwrap();
+    assert!(
+        root.join("volumes.journal").exists(),
+        "1 031 volumes: journaled"
+    );
+    // The metadata as it is now, committed.
+    let meta = std::fs::read(root.join("pool/metadata")).unwrap();
+    pool.create_volume("late", GIB).unwrap(); // in the journal and committed
+    pool.resize_volume("v8", 2 * GIB).unwrap();
+    pool.remove_volume("v9").unwrap();
+    let list = |pool: &Pool| -> Vec<String> {
+        let vols = pool.volumes().unwrap();
+        vols.iter()
+            .map(|v| format!("{} {} {} {:?}", v.name, v.thin_id, v.size, v.parent))
+            .collect()
+    };
+    let want = list(&pool);
+    assert_eq!(
+        std::fs::read(root.join("volumes.json")).unwrap(),
+        whole,
+        "volumes.json is not rewritten per change"
+    );
+    pool.close().unwrap();
+    let pool = Pool::open(root, opts()).unwrap();
+    assert_eq!(list(&pool), want, "replayed from the journal");
+    expect(&pool, "s7", 2, 4096, 4096, "snapshot after reopen");
+    expect(&pool, "s7", 1, 0, 4096, "shared block after reopen");
+    pool.close().unwrap();
+    check(root, "after reopen");
+    // The journal is ahead of an older metadata image: `late` is dropped (its device was
+    // never committed there), v9 comes back (its removal did not commit: the journal's last
+    // record dropped the entry, so the device is adopted by its thin id), v8 keeps the
+    // catalog's 2 GiB (a size only ever grows on reconcile).
+    std::fs::write(root.join("pool/metadata"), &meta).unwrap();
+    let pool = Pool::open(root, opts()).unwrap();
+    let names: Vec<String> = pool
+        .volumes()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert!(!names.contains(&"late".to_string()), "late is dropped");
+    assert!(!names.contains(&"v9".to_string()));
+    assert_eq!(
+        names.len(),
+        1031,
+        "1 030 volumes, s7, and v9's device adopted"
+    );
+    assert!(names.iter().any(|n| n.starts_with("thin-")), "{names:?}");
+    assert_eq!(pool.volume_info("v8").unwrap().size, 2 * GIB, "v8");
+    expect(
+        &pool,
+        "s7",
+        2,
+        4096,
+        4096,
+        "snapshot after the older metadata",
+    );
+    pool.close().unwrap();
+    check(root, "after the older metadata");
+}
