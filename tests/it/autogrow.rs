@@ -559,15 +559,26 @@ fn bad_policy_values_are_refused() {
         "dm-thin uses at most",
     );
     assert!(!root.join("pool").exists(), "no pool made");
-    // Against the pool: its block size, its current size.
-    refused(
-        &["--autogrow-step", "100000"],
-        "is not a multiple of the pool's block size (65536 bytes)",
-    );
-    refused(
-        &["--autogrow-step", "64M", "--max-data-size", "512M"],
-        "is smaller than the data device already is (1073741824 bytes)",
-    );
+    // Against the pool: its block size, its current size — the pool about to be made (and
+    // then not made), then a pool that exists.
+    let against_the_pool = || {
+        refused(
+            &["--autogrow-step", "100000"],
+            "is not a multiple of the pool's block size (65536 bytes)",
+        );
+        refused(
+            &["--autogrow-step", "64M", "--max-data-size", "512M"],
+            "is smaller than the data device already is (1073741824 bytes)",
+        );
+    };
+    against_the_pool();
+    assert!(!root.join("pool").exists(), "no pool made");
+    run_ok(&mut thinpool_in(
+        &root,
+        &["pool", "create", "--data-size", "1G"],
+    ));
+    against_the_pool();
+    std::fs::remove_dir_all(&root).unwrap();
     // The same keys in the config file, named with the file.
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "autogrow_threshold = \"120%\"\n").unwrap();

@@ -341,6 +341,12 @@ impl Daemon {
             metrics::check_loopback(addr)?;
         }
         opts.space.check()?;
+        if let Some(cfg) = &opts.create
+            && !root.join("pool").exists()
+        {
+            // A refused policy leaves no new pool behind.
+            opts.space.check_new(cfg)?;
+        }
         let policy = Policy::new(opts.space);
         let socket_path = thinpool_control::socket_path(root);
         if let Some(cfg) = &opts.create

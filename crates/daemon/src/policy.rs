@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thinpool_control::{EventKind, PoolEvent, Space};
-use thinpool_engine::{MAX_METADATA_SIZE, Pool, SpaceUsage};
+use thinpool_engine::{MAX_METADATA_SIZE, Pool, PoolConfig, SpaceUsage};
 
 use crate::{Error, Result};
 
@@ -139,6 +139,26 @@ impl SpacePolicy {
             }
         }
         Ok(())
+    }
+
+    /// [`check_pool`](Self::check_pool) against the pool `cfg` is about to make, so that a
+    /// refused `up` leaves no pool behind. A device handed in (`data_path`, `metadata_path`)
+    /// keeps its own size, known once open: only the block size is checked for it here.
+    pub(crate) fn check_new(&self, cfg: &PoolConfig) -> Result<()> {
+        let blocks = |path: &Option<std::path::PathBuf>, size: u64, unit: u64| {
+            if path.is_some() {
+                0
+            } else {
+                size / unit.max(1)
+            }
+        };
+        self.check_pool(&SpaceUsage {
+            used_data_blocks: 0,
+            total_data_blocks: blocks(&cfg.data_path, cfg.data_size, cfg.block_size),
+            used_metadata_blocks: 0,
+            total_metadata_blocks: blocks(&cfg.metadata_path, cfg.metadata_size, META_BLOCK),
+            block_size: cfg.block_size,
+        })
     }
 
     /// Refuse values that do not fit the open pool: a data step or maximum that is not a
