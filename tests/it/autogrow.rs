@@ -218,10 +218,43 @@ fn autogrow_under_fio_grows_in_steps() {
         &metrics,
     ]);
     up.ok(&["vol", "create", "v", "--size", "2G"]);
+    // A follower started before the writes prints the events as they come.
+    let followed = dir.path().join("followed.jsonl");
+    let mut follower = up
+        .cmd(&["pool", "events", "--follow", "--json"])
+        .stdout(std::fs::File::create(&followed).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pool events --follow");
     let fio_dir = scratch();
     let report = fio_ok(fio(&up.uri("v"), fio_dir.path(), "700M", &[]));
 
     let ev = events(&up);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines: Vec<Value> = std::fs::read_to_string(&followed)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= ev.len() || Instant::now() >= deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "pool events --follow ended"
+    );
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    // (An event after the listing may follow the listed ones.)
+    assert!(lines.len() >= ev.len(), "--follow printed {lines:#?}");
+    assert_eq!(
+        lines[..ev.len()],
+        ev[..],
+        "what --follow printed, and the events listed after"
+    );
     let grown = of_kind(&ev, "data", "grown");
     let sizes: Vec<u64> = grown
         .iter()
