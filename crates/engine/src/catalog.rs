@@ -372,11 +372,6 @@ impl Catalog {
         Ok(())
     }
 
-    /// The entry of a thin id.
-    pub fn by_thin_id(&self, id: u32) -> Option<&Entry> {
-        self.volumes.values().find(|e| e.thin_id == id)
-    }
-
     /// Number of volumes of each kind (thin, snapshot).
     pub fn counts(&self) -> (usize, usize) {
         let snaps = self
