@@ -93,6 +93,18 @@ struct CatalogFile {
     volumes: Vec<Entry>,
 }
 
+/// `a == b` for two entries of one name, the cheap fields first.
+fn same_entry(a: &Entry, b: &Entry) -> bool {
+    a.thin_id == b.thin_id
+        && a.size == b.size
+        && a.created == b.created
+        && a.removing == b.removing
+        && a.shrinking == b.shrinking
+        && a.kind == b.kind
+        && a.parent == b.parent
+        && a.labels == b.labels
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -277,17 +289,32 @@ impl Catalog {
             transaction_id: self.transaction_id,
             ..Default::default()
         };
-        for (name, e) in &self.volumes {
-            if self.saved.get(name) != Some(e) {
-                rec.set.push(e.clone());
+        // Both maps are sorted by name: one merge walk, no lookups (O(n) at 10 000 volumes
+        // with a small constant; the lookups per entry cost more than the save's write).
+        let (mut cur, mut old) = (
+            self.volumes.values().peekable(),
+            self.saved.values().peekable(),
+        );
+        loop {
+            match (cur.peek(), old.peek()) {
+                (None, None) => break,
+                (Some(c), Some(o)) if c.name == o.name => {
+                    if !same_entry(c, o) {
+                        rec.set.push((*c).clone());
+                    }
+                    cur.next();
+                    old.next();
+                }
+                (Some(c), o) if o.is_none_or(|o| c.name < o.name) => {
+                    rec.set.push((*c).clone());
+                    cur.next();
+                }
+                (_, o) => {
+                    rec.drop.extend(o.map(|o| o.name.clone()));
+                    old.next();
+                }
             }
         }
-        rec.drop = self
-            .saved
-            .keys()
-            .filter(|n| !self.volumes.contains_key(*n))
-            .cloned()
-            .collect();
         if rec.set.is_empty()
             && rec.drop.is_empty()
             && rec.transaction_id == self.saved_transaction_id
