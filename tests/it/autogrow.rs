@@ -18,27 +18,17 @@
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thinpool_tests::daemon::Up;
+use thinpool_tests::hostfs::{can_loop_mount, df, small_ext4};
 use thinpool_tests::nbd::free_tcp_port;
-use thinpool_tests::{
-    require_tools, run, run_ok, scratch, skip_or_fail, text, thinpool_in, tool, zeroed_file,
-};
+use thinpool_tests::{run, run_ok, scratch, text, thinpool_in, tool, zeroed_file};
 
 const MIB: u64 = 1 << 20;
-
-/// A loop-mounted file system, unmounted when dropped.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 /// A loop device over a file, detached when dropped.
 struct Loop(String);
@@ -47,49 +37,6 @@ impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
-}
-
-fn is_root() -> bool {
-    text(&run_ok(Command::new("id").arg("-u")).stdout).trim() == "0"
-}
-
-/// The test can loop-mount and has `tools`; false (after saying why) when it must not run.
-fn can_run(tools: &[&str]) -> bool {
-    if !require_tools(tools) {
-        return false;
-    }
-    if !is_root() {
-        skip_or_fail("this test needs root (it loop-mounts a small ext4)");
-        return false;
-    }
-    true
-}
-
-/// A fresh ext4 of `size` bytes (no blocks reserved for root) mounted at `dir/name`.
-fn small_ext4(dir: &Path, name: &str, size: u64) -> Mounted {
-    let img = zeroed_file(&dir.join(format!("{name}.img")), size);
-    run_ok(tool("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img));
-    let mnt = dir.join(name);
-    std::fs::create_dir(&mnt).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt),
-    );
-    Mounted(mnt)
-}
-
-/// Bytes free for users on the file system holding `p` (`f_bavail`, as the daemon reads it).
-fn avail(p: &Path) -> u64 {
-    let out = run_ok(Command::new("df").args(["-B1", "--output=avail"]).arg(p));
-    text(&out.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// What the pool's files may still take: virtual size minus allocated bytes, summed.
@@ -192,7 +139,7 @@ fn data_size(up: &Up) -> u64 {
 
 #[test]
 fn autogrow_under_fio_grows_in_steps() {
-    if !can_run(&["mkfs.ext4", "fio", "thin_check"]) {
+    if !can_loop_mount(&["mkfs.ext4", "fio", "thin_check"]) {
         return;
     }
     let dir = scratch();
@@ -323,7 +270,7 @@ fn autogrow_under_fio_grows_in_steps() {
 
 #[test]
 fn autogrow_stops_at_the_host_file_systems_free_space() {
-    if !can_run(&["mkfs.ext4", "fio", "thin_check"]) {
+    if !can_loop_mount(&["mkfs.ext4", "fio", "thin_check"]) {
         return;
     }
     let dir = scratch();
@@ -361,7 +308,7 @@ fn autogrow_stops_at_the_host_file_systems_free_space() {
         let mut last = (u64::MAX, u64::MAX);
         let now = loop {
             std::thread::sleep(Duration::from_millis(30));
-            let now = (may_take(&files), avail(&fs.0));
+            let now = (may_take(&files), df(&fs.0, "avail"));
             if now == last {
                 break now;
             }
@@ -393,7 +340,7 @@ fn autogrow_stops_at_the_host_file_systems_free_space() {
     // Grown past 384M (three whole steps fit), not to 640M (the file system holds ~570M).
     assert!(size > 384 * MIB && size < 600 * MIB, "{size}");
     assert_eq!(size % (64 << 10), 0);
-    assert!(may_take(&files) <= avail(&fs.0) + 2 * MIB);
+    assert!(may_take(&files) <= df(&fs.0, "avail") + 2 * MIB);
     assert!(of_kind(&ev, "data", "grow_failed").is_empty(), "{ev:#?}");
     eprintln!(
         "host limit: data grew to {} MiB; may_take - free at worst {worst} bytes in {looks} looks",
@@ -406,7 +353,7 @@ fn autogrow_stops_at_the_host_file_systems_free_space() {
 
 #[test]
 fn a_block_device_pool_gets_the_event_and_is_not_grown() {
-    if !can_run(&["losetup", "qemu-io", "thin_check"]) {
+    if !can_loop_mount(&["losetup", "qemu-io", "thin_check"]) {
         return;
     }
     let dir = scratch();
@@ -483,7 +430,7 @@ fn a_block_device_pool_gets_the_event_and_is_not_grown() {
 
 #[test]
 fn metadata_autogrow_keeps_the_pool_writable() {
-    if !can_run(&["mkfs.ext4", "fio", "thin_check"]) {
+    if !can_loop_mount(&["mkfs.ext4", "fio", "thin_check"]) {
         return;
     }
     let dir = scratch();

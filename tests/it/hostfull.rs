@@ -35,10 +35,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use thinpool_tests::hostfs::{Mounted, can_loop_mount, small_ext4};
 use thinpool_tests::nbd::{CMD_FLUSH, CMD_READ, CMD_WRITE, RawClient, Server, qemu_io};
-use thinpool_tests::{
-    require_tools, run, run_ok, scratch, skip_or_fail, text, thinpool_in, tool, zeroed_file,
-};
+use thinpool_tests::{run, run_ok, scratch, text, thinpool_in, tool, zeroed_file};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -48,15 +47,6 @@ const BS: u64 = 64 * KIB;
 const EIO: u32 = 5;
 const ENOSPC: u32 = 28;
 
-/// A loop-mounted file system, unmounted when dropped.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 fn status(root: &Path) -> serde_json::Value {
     let out = run_ok(&mut thinpool_in(root, &["pool", "status", "--json"]));
     serde_json::from_slice(&out.stdout).expect("pool status --json parses")
@@ -64,11 +54,7 @@ fn status(root: &Path) -> serde_json::Value {
 
 #[test]
 fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
-    if !require_tools(&["mkfs.ext4", "qemu-io", "nbdinfo", "thin_check"]) {
-        return;
-    }
-    if text(&run_ok(Command::new("id").arg("-u")).stdout).trim() != "0" {
-        skip_or_fail("this test needs root (it loop-mounts a small ext4)");
+    if !can_loop_mount(&["mkfs.ext4", "qemu-io", "nbdinfo", "thin_check"]) {
         return;
     }
     let dir = scratch();
@@ -174,33 +160,6 @@ fn a_full_host_file_system_gives_enospc_and_the_pool_recovers() {
     );
     let check = run(tool("thin_check").arg(root.join("pool/metadata")));
     assert!(check.status.success(), "{}", text(&check.stderr));
-}
-
-/// A test that loop-mounts needs root; false (after saying why) when it must not run.
-fn can_loop_mount(tools: &[&str]) -> bool {
-    if !require_tools(tools) {
-        return false;
-    }
-    if text(&run_ok(Command::new("id").arg("-u")).stdout).trim() != "0" {
-        skip_or_fail("this test needs root (it loop-mounts a small ext4)");
-        return false;
-    }
-    true
-}
-
-/// A fresh ext4 of `size` bytes (no blocks reserved for root) mounted at `dir/name`.
-fn small_ext4(dir: &Path, name: &str, size: u64) -> Mounted {
-    let img = zeroed_file(&dir.join(format!("{name}.img")), size);
-    run_ok(tool("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img));
-    let mnt = dir.join(name);
-    std::fs::create_dir(&mnt).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt),
-    );
-    Mounted(mnt)
 }
 
 /// Fill the file system holding `filler` until it is full, then give back `leave` bytes.

@@ -252,14 +252,7 @@ impl Drop for LoopCleanup {
 
 /// Size of the filesystem on `dir` as `df` shows it (bytes).
 pub fn df_size(dir: &Path) -> u64 {
-    let out = run_ok(Command::new("df").args(["-B1", "--output=size"]).arg(dir));
-    text(&out.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    crate::hostfs::df(dir, "size")
 }
 
 /// Whether something is mounted on `p` (as `/proc/self/mounts` spells it).

@@ -35,6 +35,7 @@ pub use thinpool_testkit::{
 
 pub mod containerd;
 pub mod daemon;
+pub mod hostfs;
 pub mod images;
 pub mod kernel;
 pub mod nbd;
