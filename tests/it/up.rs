@@ -490,7 +490,8 @@ fn up_waits_for_an_offline_command_holding_the_lock() {
             }
         })
     };
-    for _ in 0..10 {
+    // The count: 15 starts during the loop, all serving.
+    for _ in 0..15 {
         // Up::spawn fails the test if `up` exits instead of serving.
         up.spawn(&["--no-fuse"]);
         assert!(up.ok(&["vol", "ls"]).contains('v'));
