@@ -152,8 +152,8 @@ pub(crate) struct Catalog {
     journal: Option<Journal>,
     /// Size of the last whole write: the journal is folded back in once it grows past it.
     whole_len: u64,
-    /// See [`JOURNAL_FROM`] (lower in tests).
-    journal_from: usize,
+    /// See [`JOURNAL_FROM`] ([`PoolOptions::catalog_journal_from`](crate::PoolOptions)).
+    pub journal_from: usize,
 }
 
 impl Catalog {

@@ -72,6 +72,10 @@ pub struct PoolOptions {
     /// new B-tree nodes changed since the last commit are written back to the metadata
     /// device early once they take as much again. So metadata blocks take at most twice this.
     pub metadata_cache: u64,
+    /// From this many volumes on, a change to the catalog is appended to
+    /// `volumes.journal` instead of rewriting `volumes.json` whole (default 1024; below it
+    /// the file alone is the catalog, easy to read, edit or back up).
+    pub catalog_journal_from: usize,
 }
 
 impl Default for PoolOptions {
@@ -86,6 +90,7 @@ impl Default for PoolOptions {
             discard_passdown: true,
             read_only: false,
             metadata_cache: DEFAULT_METADATA_CACHE,
+            catalog_journal_from: crate::catalog::JOURNAL_FROM,
         }
     }
 }

@@ -641,6 +641,7 @@ impl Pool {
         md.set_cache_limit(cache_blocks)?;
         md.set_dirty_limit(cache_blocks);
         let mut catalog = Catalog::new(root, md.transaction_id());
+        catalog.journal_from = opts.catalog_journal_from;
         catalog.save()?;
         tracing::info!(root = %root.display(), nr_data, block_size, "pool created");
         Ok(Self::start(root, devs, block_size, opts, md, catalog))
@@ -725,6 +726,7 @@ impl Pool {
             md.resize_data_dev(dev_blocks)?;
         }
         let mut catalog = Catalog::load(root)?;
+        catalog.journal_from = opts.catalog_journal_from;
         reconcile(
             &mut md,
             &mut catalog,

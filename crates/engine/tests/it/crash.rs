@@ -244,13 +244,19 @@ struct Run {
     root: tempfile::TempDir,
 }
 
-/// Pool options of workload `wseed`: odd workloads run without discard passdown.
+/// Crash points whose reopen replayed a catalog journal (see [`options`]).
+static JOURNAL_REPLAYS: AtomicU64 = AtomicU64::new(0);
+
+/// Pool options of workload `wseed`: odd workloads run without discard passdown; every
+/// third keeps its catalog as `volumes.json` plus `volumes.journal` from its first volume on
+/// (the path of catalogs of 1 024+ volumes).
 fn options(wseed: u64) -> PoolOptions {
     PoolOptions {
         commit_interval: None,
         min_free_percent: 0,
         error_if_no_space: true,
         discard_passdown: wseed.is_multiple_of(2),
+        catalog_journal_from: if wseed.is_multiple_of(3) { 1 } else { 1024 },
         ..Default::default()
     }
 }
@@ -636,6 +642,12 @@ fn crash_point(
         || (meta_img.len() as u64) < run.meta.size().unwrap();
     let root2 = tempfile::tempdir().unwrap();
     copy_dir(run.root.path(), root2.path());
+    // A journal with records after its header: this reopen replays it.
+    if std::fs::read_to_string(root2.path().join("volumes.journal"))
+        .is_ok_and(|j| j.lines().count() > 1)
+    {
+        JOURNAL_REPLAYS.fetch_add(1, Ordering::Relaxed);
+    }
     // The old pool may do what it likes now: its devices are dead, its root is not ours.
     drop(run.pool.take());
     let ctx = format!(
@@ -882,12 +894,14 @@ fn crash_at_random_io_keeps_what_was_flushed() {
     let failures = failures.into_inner().unwrap();
     eprintln!(
         "engine crash: {} crash points in {workloads} workloads ({} I/Os per workload on average) in {:.1?}; \
-         thin_check passed {} crashed images; {} crashes lost a device growth",
+         thin_check passed {} crashed images; {} crashes lost a device growth; {} reopened \
+         through a catalog journal",
         done.load(Ordering::Relaxed),
         total_ios.load(Ordering::Relaxed) / workloads.max(1),
         t0.elapsed(),
         thin_checks.load(Ordering::Relaxed),
-        lost_growths.load(Ordering::Relaxed)
+        lost_growths.load(Ordering::Relaxed),
+        JOURNAL_REPLAYS.load(Ordering::Relaxed)
     );
     if !failures.is_empty() {
         panic!(
@@ -908,6 +922,10 @@ fn crash_at_random_io_keeps_what_was_flushed() {
     // before its sync loses it: 9 to 29 crashes per 1000 did over seven seeds. Without any,
     // the size model of the device was not exercised.
     if points >= 1000 {
+        assert!(
+            JOURNAL_REPLAYS.load(Ordering::Relaxed) > 0,
+            "no crash point reopened through a catalog journal"
+        );
         assert!(
             lost_growths.into_inner() > 0,
             "no crash lost a device growth (seed {seed})"
