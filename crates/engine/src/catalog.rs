@@ -461,7 +461,12 @@ fn replay(
             Err(e) => {
                 return Err(Error::Catalog {
                     path: path.to_path_buf(),
-                    message: format!("line {}: {e} (and records follow it)", i + 1),
+                    message: format!(
+                        "line {}: {e} (and records follow it): move it away to open the pool \
+                         with volumes.json alone (names and sizes changed since are rebuilt \
+                         from the metadata as thin-<id>; no mapping is lost)",
+                        i + 1
+                    ),
                 });
             }
         };
