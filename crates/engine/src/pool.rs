@@ -287,8 +287,9 @@ impl SpaceUsage {
 
 /// The usage level a watcher waits for ([`Pool::watch_space`], [`Pool::wait_space`]): the
 /// allocation path rings once when data or metadata usage reaches it, and is re-armed when a
-/// watcher finds usage below the level again, or the pool grows. One atomic load per
-/// allocation while nothing rings.
+/// watcher finds usage below the level again, or the pool grows. Per allocation: an atomic
+/// load, then (while a space has not rung) a comparison of the space maps' counters, O(1)
+/// under the metadata lock the allocation already holds.
 #[derive(Default)]
 pub(crate) struct SpaceWatch {
     /// Percent of the blocks in use (0: off).
@@ -882,10 +883,10 @@ impl Pool {
         SpaceUsage::of(&self.inner.md().md, self.inner.block_size)
     }
 
-    /// Watch the pool's usage: from now on the allocation path wakes [`wait_space`]
-    /// (Self::wait_space) once when data or metadata usage reaches `percent` of its blocks
-    /// (0 turns the watch off). Cheap on the write path: one atomic load per allocation
-    /// while the level is not reached.
+    /// Watch the pool's usage: from now on the allocation path wakes
+    /// [`wait_space`](Self::wait_space) once when data or metadata usage reaches `percent` of its blocks
+    /// (0 turns the watch off). Cheap on the write path: an atomic load and a comparison of
+    /// counters per allocation.
     pub fn watch_space(&self, percent: u8) {
         self.inner
             .watch
