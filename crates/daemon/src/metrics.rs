@@ -439,6 +439,20 @@ impl Collector for Scrape {
         )?;
         counter(
             e,
+            "thinpool_sealed_commits",
+            "Commits that synced the data twice because mappings were made during the first sync (I/O goes on during both).",
+            None,
+            stats.sealed_commits,
+        )?;
+        counter(
+            e,
+            "thinpool_mappings_made_while_sealed",
+            "Mappings made during a commit's second data sync, put in the next transaction.",
+            None,
+            stats.mappings_made_while_sealed,
+        )?;
+        counter(
+            e,
             "thinpool_commits",
             "Metadata commits.",
             None,

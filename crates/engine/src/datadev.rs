@@ -290,6 +290,14 @@ impl BlockDevice for DataDev {
             }
         }
     }
+
+    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> thinpool_io::Result<()> {
+        match &*self.mode() {
+            Mode::Single(d) => d.holes(f),
+            // The two devices' holes differ: none known.
+            Mode::Mirror(_) => Ok(()),
+        }
+    }
 }
 
 /// Copy `offset..offset+len` from `from` to `to`. `sparse`: `to` is a regular file, so zero

@@ -1,7 +1,7 @@
 //! [`Pool`]: a pool in a root directory — devices, metadata, catalog, commit timer, status,
 //! growth, and the volume operations (create, snapshot, remove, resize).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thinpool_io::{BlockDevice, FileDevice};
+use thinpool_thin::metadata::Lookup;
 use thinpool_thin::{ThinId, ThinMetadata};
 
 use crate::catalog::{Catalog, Entry, VolumeKind, check_name, now};
@@ -169,9 +170,44 @@ pub(crate) struct MetaState {
     /// Whether the held metadata snapshot (if any) was reserved through this open of the
     /// pool; one found held at open was left by an earlier run.
     pub snap_reserved_here: bool,
+    /// `Some` while a commit syncs the data of the open transaction's mappings (see
+    /// [`Inner::commit`]): the transaction is sealed, and mappings made meanwhile wait here,
+    /// by thin device and virtual block, for the next one. Their data blocks are allocated.
+    pub pending: Option<BTreeMap<(ThinId, u64), u64>>,
 }
 
 impl MetaState {
+    /// The mapping of `vblock` of `thin`, including one waiting for the next transaction.
+    pub(crate) fn find(&mut self, thin: ThinId, vblock: u64) -> Result<Option<Lookup>> {
+        if let Some(&data_block) = self.pending.as_ref().and_then(|p| p.get(&(thin, vblock))) {
+            // Made after the device's last snapshot: not shared.
+            return Ok(Some(Lookup {
+                data_block,
+                time: self.md.time(),
+                shared: false,
+            }));
+        }
+        Ok(self.md.find_block(thin, vblock)?)
+    }
+
+    /// Map `vblock` of `thin` to the allocated data block `new` (replacing, and releasing, any
+    /// mapping it had): in the open transaction, or after it while it is sealed.
+    pub(crate) fn map(&mut self, thin: ThinId, vblock: u64, new: u64) -> Result<()> {
+        match &mut self.pending {
+            Some(p) => {
+                p.insert((thin, vblock), new);
+            }
+            None => {
+                if let Err(e) = self.md.insert_block(thin, vblock, new) {
+                    // Aborted: the block's allocation goes with the transaction.
+                    return Err(self.failed("inserting a mapping", e.into()));
+                }
+                self.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
     /// A metadata operation `op` failed with `e`. If it may have left a half-done change in
     /// the open transaction, abort the transaction (reopen at the last commit) and decide the
     /// pool's mode, as the kernel's `metadata_operation_failed` does:
@@ -199,7 +235,10 @@ impl MetaState {
     /// no mapping changes (a failed data sync), so every handle's next flush must fail.
     pub(crate) fn abort(&mut self, op: &str, why: String, host_full: bool, lost_writes: bool) {
         tracing::error!("{op} failed ({why}): aborting the open metadata transaction");
-        if std::mem::take(&mut self.dirty) || lost_writes {
+        // Mappings waiting for the next transaction go too: their blocks were allocated in
+        // this one.
+        let waiting = self.pending.take().is_some_and(|p| !p.is_empty());
+        if std::mem::take(&mut self.dirty) || lost_writes || waiting {
             self.dropped = (self.dropped.0 + 1, why.clone());
         }
         match self.md.abort() {
@@ -346,6 +385,11 @@ pub(crate) struct Inner {
     pub md: Mutex<MetaState>,
     /// Signalled when data space may have become available (commit, grow).
     pub space: Condvar,
+    /// Signalled when a sealed transaction is committed (or aborted) and the mappings made
+    /// meanwhile are in the next one (`MetaState::pending` is `None` again).
+    settled: Condvar,
+    /// Held by a commit from its first data sync to its end: one commit at a time.
+    committing: Mutex<()>,
     catalog: Mutex<Catalog>,
     vols: Mutex<HashMap<u32, Arc<VolState>>>,
     pub prison: Prison,
@@ -757,7 +801,25 @@ impl Pool {
         let zeroed = if devs.fresh_data {
             ZeroMap::all_zero(md.nr_data_blocks())
         } else {
-            ZeroMap::unknown()
+            let t = Instant::now();
+            let mut failed = None;
+            let map = ZeroMap::from_holes(
+                md.nr_data_blocks(),
+                block_size,
+                |f| failed = devs.data.holes(f).err(),
+                |b| md.data_block_count(b) == 0,
+            );
+            match failed {
+                // Provisioning then punches each block first, as without the map.
+                Some(e) => {
+                    tracing::warn!("finding the data file's holes failed: {e}");
+                    ZeroMap::unknown()
+                }
+                None => {
+                    tracing::debug!(took = ?t.elapsed(), "free blocks in the data file's holes found");
+                    map
+                }
+            }
         };
         let datadev = Arc::new(DataDev::new(devs.data, block_size));
         let inner = Arc::new(Inner {
@@ -780,8 +842,11 @@ impl Pool {
                 dropped: (0, String::new()),
                 host_full: None,
                 snap_reserved_here: false,
+                pending: None,
             }),
             space: Condvar::new(),
+            settled: Condvar::new(),
+            committing: Mutex::new(()),
             catalog: Mutex::new(catalog),
             vols: Mutex::new(HashMap::new()),
             prison: Prison::new(),
@@ -1655,7 +1720,20 @@ fn commit_timer(weak: Weak<Inner>, period: Duration) {
 }
 
 impl Inner {
+    /// The metadata, once no commit has its transaction sealed: every mapping is in the
+    /// B-trees (`pending` is `None`). What reads or changes more than single mappings uses
+    /// this.
     pub fn md(&self) -> MutexGuard<'_, MetaState> {
+        let st = self.md_io();
+        self.settled
+            .wait_while(st, |st| st.pending.is_some())
+            .expect("metadata lock poisoned")
+    }
+
+    /// The metadata as it is, possibly sealed by a commit: for looking up and making single
+    /// mappings ([`MetaState::find`], [`MetaState::map`]) and allocating data blocks, which
+    /// go on while a commit syncs the data.
+    pub fn md_io(&self) -> MutexGuard<'_, MetaState> {
         self.md.lock().expect("metadata lock poisoned")
     }
 
@@ -1663,12 +1741,22 @@ impl Inner {
         self.catalog.lock().expect("catalog lock poisoned")
     }
 
-    /// The metadata, refusing changes in read-only or fail mode.
+    /// The metadata ([`md`](Self::md)), refusing changes in read-only or fail mode.
     pub fn md_writable(&self) -> Result<MutexGuard<'_, MetaState>> {
+        let st = self.md();
+        self.writable(st)
+    }
+
+    /// [`md_io`](Self::md_io), refusing changes in read-only or fail mode.
+    pub fn md_io_writable(&self) -> Result<MutexGuard<'_, MetaState>> {
+        let st = self.md_io();
+        self.writable(st)
+    }
+
+    fn writable<'a>(&self, st: MutexGuard<'a, MetaState>) -> Result<MutexGuard<'a, MetaState>> {
         if self.opts.read_only {
             return Err(self.read_only_error());
         }
-        let st = self.md();
         if let Some(e) = self.failure_error(&st) {
             return Err(e);
         }
@@ -1733,14 +1821,24 @@ impl Inner {
     /// Commit (section 9.2): data first, then the metadata; then punch the blocks this
     /// transaction freed (they cannot be reused before this point, and the committed metadata
     /// no longer maps them, so a crash cannot expose the hole).
+    ///
+    /// The data syncs run without the metadata lock, so that I/O goes on meanwhile; only the
+    /// metadata write holds every request off. Mappings made during the first sync may point
+    /// at data it missed, so if there are any the transaction is *sealed* and the data synced
+    /// again. Mappings made while it is sealed point at data that sync may miss too: they
+    /// wait outside the transaction (`MetaState::pending`: lookups see them, their blocks are
+    /// allocated), the transaction is committed without them (their blocks given back for the
+    /// moment, so that a crash right after leaks none), and they go into the next one at once.
+    /// Commits run one at a time.
     pub fn commit(&self) -> Result<()> {
+        let _one = self.committing.lock().expect("commit lock poisoned");
         let start = Instant::now();
         let before = self.inserts.load(Ordering::SeqCst);
         if let Err(e) = self.data.sync() {
             // What was written may not be on the device (a failed sync may even drop the
             // pages): never commit mappings to it, and fail every handle's next flush.
             let e = Error::from(e);
-            self.md().abort(
+            self.md_io().abort(
                 "syncing the data device",
                 e.to_string(),
                 e.is_host_full(),
@@ -1748,7 +1846,8 @@ impl Inner {
             );
             return Err(e);
         }
-        let mut st = self.md();
+        // Not sealed: only a commit seals, and this is the only one running.
+        let mut st = self.md_io();
         // After an abort a flush fails, as the kernel fails flushes in read-only mode: what
         // was written since the last commit may be gone, and a flush must not say otherwise.
         if let Some(e) = self.failure_error(&st) {
@@ -1758,16 +1857,46 @@ impl Inner {
             return Ok(());
         }
         if self.inserts.load(Ordering::SeqCst) != before {
-            // Data written for mappings inserted during the sync: sync again.
-            if let Err(e) = self.data.sync() {
+            st.pending = Some(BTreeMap::new());
+            drop(st);
+            let synced = self.data.sync();
+            st = self.md_io();
+            if let Err(e) = synced {
                 let e = Error::from(e);
+                // Also drops the mappings made meanwhile: their blocks were allocated in the
+                // transaction now undone.
                 st.abort(
                     "syncing the data device",
                     e.to_string(),
                     e.is_host_full(),
                     true,
                 );
+                drop(st);
+                self.settled.notify_all();
                 return Err(e);
+            }
+        }
+        let r = self.commit_sealed(&mut st, start);
+        drop(st);
+        self.settled.notify_all();
+        self.space.notify_all();
+        r
+    }
+
+    /// Commit the metadata with the data synced, then make the mappings that waited.
+    fn commit_sealed(&self, st: &mut MetaState, start: Instant) -> Result<()> {
+        let sealed = st.pending.is_some();
+        let pending = st.pending.take().unwrap_or_default();
+        // A waiting mapping's block allocated before the last commit was committed as
+        // allocated already; those of this transaction are given back until it is done.
+        let given_back: Vec<u64> = pending
+            .values()
+            .copied()
+            .filter(|&b| st.md.data_block_allocated_in_transaction(b))
+            .collect();
+        for &b in &given_back {
+            if let Err(e) = st.md.release_data_block(b) {
+                return Err(st.failed("committing", e.into()));
             }
         }
         let freed = if self.opts.discard_passdown {
@@ -1781,6 +1910,10 @@ impl Inner {
         st.dirty = false;
         st.host_full = None;
         self.stats.commit(start.elapsed());
+        if sealed {
+            self.stats.sealed(pending.len() as u64);
+        }
+        self.remap_pending(st, &given_back, pending);
         for b in freed {
             if st.md.data_block_count(b) == 0 {
                 let bs = self.block_size;
@@ -1795,9 +1928,33 @@ impl Inner {
         if st.mode == PoolMode::OutOfDataSpace && st.md.nr_free_data_blocks() > 0 {
             st.mode = PoolMode::Write;
         }
-        drop(st);
-        self.space.notify_all();
         Ok(())
+    }
+
+    /// Make the mappings that waited during a commit in the new transaction. A failure
+    /// aborts it (the pool's mode says what failed); the commit itself stands.
+    fn remap_pending(
+        &self,
+        st: &mut MetaState,
+        given_back: &[u64],
+        pending: BTreeMap<(ThinId, u64), u64>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        // Acknowledged writes are in these mappings: an abort from here on loses them.
+        st.dirty = true;
+        for &b in given_back {
+            if let Err(e) = st.md.inc_data_block(b) {
+                st.failed("allocating the blocks written during a commit", e.into());
+                return;
+            }
+        }
+        for ((thin, vblock), b) in pending {
+            if st.map(thin, vblock, b).is_err() {
+                return;
+            }
+        }
     }
 }
 

@@ -79,6 +79,8 @@ pub(crate) struct Stats {
     ops: [OpCounters; 5],
     provisioned: AtomicU64,
     cow: AtomicU64,
+    sealed: AtomicU64,
+    waited: AtomicU64,
     commit_micros: AtomicU64,
     /// Commits per bucket of [`COMMIT_BUCKETS_US`] (not cumulative); the last is +Inf.
     commit_buckets: [AtomicU64; 11],
@@ -123,6 +125,13 @@ impl Stats {
         }
     }
 
+    /// A commit sealed its transaction for a second data sync (see `Inner::commit`), and
+    /// `waited` mappings made meanwhile went into the next transaction.
+    pub fn sealed(&self, waited: u64) {
+        self.sealed.fetch_add(1, Relaxed);
+        self.waited.fetch_add(waited, Relaxed);
+    }
+
     /// A metadata commit took `took`.
     pub fn commit(&self, took: Duration) {
         let us = took.as_micros() as u64;
@@ -150,6 +159,8 @@ impl Stats {
             flush: op(IoOp::Flush),
             provisioned_blocks: self.provisioned.load(Relaxed),
             cow_copies: self.cow.load(Relaxed),
+            sealed_commits: self.sealed.load(Relaxed),
+            mappings_made_while_sealed: self.waited.load(Relaxed),
             commits: commit_buckets.iter().sum(),
             commit_latency_us: self.commit_micros.load(Relaxed),
             commit_buckets,
@@ -187,6 +198,12 @@ pub struct PoolStats {
     /// Writes to a block shared with a snapshot that moved it to a new block (its other bytes
     /// copied; none when the write covered the whole block).
     pub cow_copies: u64,
+    /// Commits that synced the data a second time because mappings were made during the
+    /// first sync; I/O went on during both syncs.
+    pub sealed_commits: u64,
+    /// Mappings made while a commit's second data sync ran: they went into the next
+    /// transaction.
+    pub mappings_made_while_sealed: u64,
     /// Metadata commits (a commit with nothing to write is not counted).
     pub commits: u64,
     /// Time spent in those commits (data sync and metadata write), summed, in microseconds.

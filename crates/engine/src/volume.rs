@@ -81,7 +81,7 @@ fn metadata_reserve(total: u64) -> u64 {
 impl Volume {
     pub(crate) fn new(inner: Arc<Inner>, vs: Arc<VolState>) -> Self {
         vs.handles.fetch_add(1, Ordering::SeqCst);
-        let seen_dropped = AtomicU64::new(inner.md().dropped.0);
+        let seen_dropped = AtomicU64::new(inner.md_io().dropped.0);
         Volume {
             inner,
             vs,
@@ -134,11 +134,11 @@ impl Volume {
     }
 
     fn lookup(&self, vblock: u64) -> Result<Option<thinpool_thin::metadata::Lookup>> {
-        let mut st = self.inner.md();
+        let mut st = self.inner.md_io();
         if st.mode == PoolMode::Fail {
             return Err(self.failed(&st));
         }
-        Ok(st.md.find_block(self.vs.thin, vblock)?)
+        st.find(self.vs.thin, vblock)
     }
 
     /// Read `buf.len()` bytes at `offset`. Unmapped blocks read as zeros. The blocks of one
@@ -180,18 +180,13 @@ impl Volume {
             .map(|p| self.inner.prison.shared(thin, p.vblock))
             .collect();
         let mapped: Vec<Option<u64>> = {
-            let mut st = self.inner.md();
+            let mut st = self.inner.md_io();
             if st.mode == PoolMode::Fail {
                 return Err(self.failed(&st));
             }
             pieces
                 .iter()
-                .map(|p| {
-                    Ok(st
-                        .md
-                        .find_block(self.vs.thin, p.vblock)?
-                        .map(|l| l.data_block))
-                })
+                .map(|p| Ok(st.find(self.vs.thin, p.vblock)?.map(|l| l.data_block)))
                 .collect::<Result<_>>()?
         };
         let mut holes: Vec<(usize, usize)> = Vec::new();
@@ -328,7 +323,7 @@ impl Volume {
             }
             Ok(())
         })();
-        let mut st = self.inner.md();
+        let mut st = self.inner.md_io();
         if let Err(e) = r {
             let _ = st.md.release_data_block(new);
             if e.is_host_full() {
@@ -337,11 +332,7 @@ impl Volume {
             }
             return Err(e);
         }
-        if let Err(e) = st.md.insert_block(self.vs.thin, vblock, new) {
-            // Aborted: the block's allocation goes with the transaction.
-            return Err(st.failed("inserting a mapping", e.into()));
-        }
-        st.dirty = true;
+        st.map(self.vs.thin, vblock, new)?;
         self.inner.inserts.fetch_add(1, Ordering::SeqCst);
         self.inner.stats.provisioned(old.is_some());
         Ok(())
@@ -368,7 +359,7 @@ impl Volume {
     fn alloc_block(&self) -> Result<(u64, bool)> {
         let start = Instant::now();
         let mut committed = false;
-        let mut st = self.inner.md_writable()?;
+        let mut st = self.inner.md_io_writable()?;
         loop {
             if st.mode == PoolMode::ReadOnly || st.mode == PoolMode::Fail {
                 return Err(Error::ReadOnly(
@@ -383,7 +374,7 @@ impl Volume {
                 drop(st);
                 self.inner.commit()?;
                 committed = true;
-                st = self.inner.md_writable()?;
+                st = self.inner.md_io_writable()?;
                 continue;
             }
             self.metadata_room(&mut st)?;
@@ -402,7 +393,7 @@ impl Volume {
                 drop(st);
                 self.inner.commit()?;
                 committed = true;
-                st = self.inner.md_writable()?;
+                st = self.inner.md_io_writable()?;
                 continue;
             }
             st.mode = PoolMode::OutOfDataSpace;

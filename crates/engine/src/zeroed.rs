@@ -5,8 +5,10 @@
 //!
 //! - a pool created on a fresh sparse file of our own making starts with every block known
 //!   zero (a file extended by `set_len` reads zeros); a pool opened, or created on a given
-//!   file or block device, starts knowing nothing (a kernel-written or reused device may hold
-//!   anything in its free blocks);
+//!   file, knows the free blocks that lie wholly in the file's holes (as `SEEK_HOLE` reports
+//!   them when the pool is started; a hole reads zeros whoever made it); one on a block
+//!   device starts knowing nothing (a kernel-written or reused device may hold anything in
+//!   its free blocks);
 //! - allocating a block forgets it, before anything is written to it (also when the write then
 //!   fails and the block is released: it may hold part of the write);
 //! - a block freed and punched at commit becomes known zero again (the punch succeeded; the
@@ -39,6 +41,28 @@ impl ZeroMap {
             *last = (1u64 << (nr_blocks % 64)) - 1;
         }
         ZeroMap { words }
+    }
+
+    /// The free blocks of `0..nr_blocks` that lie wholly inside the byte ranges `holes` calls
+    /// back with (`is_free(b)`: the block's reference count is 0).
+    pub fn from_holes(
+        nr_blocks: u64,
+        block_size: u64,
+        holes: impl FnOnce(&mut dyn FnMut(u64, u64)),
+        is_free: impl Fn(u64) -> bool,
+    ) -> Self {
+        let mut map = ZeroMap {
+            words: vec![0; nr_blocks.div_ceil(64) as usize],
+        };
+        holes(&mut |offset, len| {
+            let end = ((offset + len) / block_size).min(nr_blocks);
+            for b in offset.div_ceil(block_size)..end {
+                if is_free(b) {
+                    map.set(b);
+                }
+            }
+        });
+        map
     }
 
     /// Whether block `b` is known to read as zeros; forgets it (it is being allocated).
@@ -84,5 +108,17 @@ mod tests {
         u.set(3);
         assert!(!u.take(3), "an opened pool learns nothing");
         assert!(!ZeroMap::all_zero(128).take(128));
+    }
+
+    #[test]
+    fn from_holes_knows_free_blocks_wholly_inside_a_hole() {
+        // Block size 10: holes 5..35 (blocks 1, 2 whole) and 60..200 (6..9, past the end cut).
+        let holes = |f: &mut dyn FnMut(u64, u64)| {
+            f(5, 30);
+            f(60, 140);
+        };
+        let mut m = ZeroMap::from_holes(10, 10, holes, |b| b != 7);
+        let known: Vec<u64> = (0..12).filter(|&b| m.take(b)).collect();
+        assert_eq!(known, vec![1, 2, 6, 8, 9]);
     }
 }

@@ -233,6 +233,29 @@ impl BlockDevice for FileDevice {
         }
         Ok(())
     }
+
+    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        if self.is_block {
+            return Ok(());
+        }
+        let size = self.size()?;
+        let mut pos = 0;
+        while pos < size {
+            match self.next_data(pos, size)? {
+                Some((data, end)) => {
+                    if data > pos {
+                        f(pos, data - pos);
+                    }
+                    pos = end;
+                }
+                None => {
+                    f(pos, size - pos);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FileDevice {

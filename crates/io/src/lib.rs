@@ -131,6 +131,12 @@ pub trait BlockDevice: Send + Sync {
     fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> Result<()> {
         copy_nonzero(self, src, dst, len)
     }
+    /// Call `f(offset, len)`, ascending, for ranges that read zeros because nothing is stored
+    /// there (a sparse file's holes). The default knows of none, which is always correct.
+    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        let _ = f;
+        Ok(())
+    }
 }
 
 /// [`BlockDevice::copy_into_zeroed`] through a buffer: reads of at most 64 KiB, writes of the
@@ -195,6 +201,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> Result<()> {
         (**self).copy_into_zeroed(src, dst, len)
+    }
+    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        (**self).holes(f)
     }
 }
 

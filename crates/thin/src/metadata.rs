@@ -354,6 +354,12 @@ impl ThinMetadata {
         v
     }
 
+    /// Whether data block `b` was allocated in the open transaction (the last commit has it
+    /// free).
+    pub fn data_block_allocated_in_transaction(&self, b: u64) -> bool {
+        self.tx.data_sm().allocated_in_transaction(b)
+    }
+
     /// Reference count of a data block.
     pub fn data_block_count(&self, b: u64) -> u32 {
         if b < self.nr_data_blocks() {

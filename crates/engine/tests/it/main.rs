@@ -8,6 +8,7 @@ mod model;
 mod move_data;
 mod nospace;
 mod reconcile;
+mod sealed;
 mod space_watch;
 mod stats;
 mod zeroing;

@@ -123,3 +123,101 @@ fn a_given_data_file_is_not_assumed_blank() {
     provision_and_check(&pool, "given data file");
     pool.close().unwrap();
 }
+
+/// Counts punches on a data file.
+struct CountingPunches {
+    dev: thinpool_io::FileDevice,
+    punches: std::sync::atomic::AtomicU64,
+}
+
+impl thinpool_io::BlockDevice for CountingPunches {
+    fn name(&self) -> &str {
+        self.dev.name()
+    }
+    fn size(&self) -> thinpool_io::Result<u64> {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn sync(&self) -> thinpool_io::Result<()> {
+        self.dev.sync()
+    }
+    fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
+        self.dev.set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
+        self.punches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.dev.punch_hole(offset, len)
+    }
+    fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> thinpool_io::Result<()> {
+        self.dev.copy_into_zeroed(src, dst, len)
+    }
+    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> thinpool_io::Result<()> {
+        self.dev.holes(f)
+    }
+}
+
+/// A pool on a given sparse file, and one opened again, know the free blocks that lie in the
+/// file's holes: provisioning punches exactly the free blocks that hold data (freed without
+/// passdown), never a hole, and every new block reads zeros around its write.
+#[test]
+fn free_blocks_in_the_data_files_holes_are_not_punched() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (data_path, meta_path) = (dir.path().join("data"), dir.path().join("meta"));
+    let data = Arc::new(CountingPunches {
+        dev: thinpool_io::FileDevice::create(&data_path, BLOCKS * BS).unwrap(),
+        punches: 0.into(),
+    });
+    let meta: Arc<dyn thinpool_io::BlockDevice> =
+        Arc::new(thinpool_io::FileDevice::create(&meta_path, 4 << 20).unwrap());
+    let root = dir.path().join("root");
+    let pool = Pool::create_on(&root, data.clone(), meta.clone(), BS, opts(false)).unwrap();
+    pool.create_volume("v", BLOCKS * BS).unwrap();
+    let v = pool.open_volume("v").unwrap();
+    // Partial writes into blocks of a file that is all hole: nothing to punch.
+    let partial = |v: &Volume, b: u64| {
+        let off = (b % 16) * 4096;
+        let data = pattern(b + 1, b * BS + off, 4096);
+        v.write_at(&data, b * BS + off).unwrap();
+        let mut want = vec![0u8; BS as usize];
+        want[off as usize..off as usize + 4096].copy_from_slice(&data);
+        want
+    };
+    let mut want = Vec::new();
+    for b in 0..8 {
+        want.push(partial(&v, b));
+    }
+    assert_eq!(data.punches.load(Ordering::SeqCst), 0, "holes punched");
+    // Eight blocks that hold data and are then freed without passdown: not holes.
+    for b in 8..16 {
+        v.write_at(&pattern(100 + b, b * BS, BS as usize), b * BS)
+            .unwrap();
+    }
+    pool.commit().unwrap();
+    v.discard(8 * BS, 8 * BS).unwrap();
+    pool.commit().unwrap();
+    drop(v);
+    pool.close().unwrap();
+    let pool = Pool::open_on(&root, data.clone(), meta, opts(false)).unwrap();
+    let v = pool.open_volume("v").unwrap();
+    for b in 8..BLOCKS {
+        want.push(partial(&v, b));
+    }
+    for (b, w) in want.iter().enumerate() {
+        expect(&v, b as u64, w, "after reopening");
+    }
+    assert_eq!(
+        data.punches.load(Ordering::SeqCst),
+        8,
+        "exactly the free blocks holding data were punched before reuse"
+    );
+    drop(v);
+    pool.close().unwrap();
+}
