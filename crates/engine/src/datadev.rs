@@ -291,6 +291,14 @@ impl BlockDevice for DataDev {
         }
     }
 
+    fn copies_by_reference(&self) -> bool {
+        match &*self.mode() {
+            Mode::Single(d) => d.copies_by_reference(),
+            // A copy is also sent across to the new device, byte by byte.
+            Mode::Mirror(_) => false,
+        }
+    }
+
     fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> thinpool_io::Result<()> {
         match &*self.mode() {
             Mode::Single(d) => d.holes(f),

@@ -291,10 +291,14 @@ impl Volume {
             let pos = new * bs;
             if whole {
                 self.inner.data.write_at(piece, pos)?;
+            } else if let Some(l) = old
+                && !self.inner.data.copies_by_reference()
+            {
+                self.copy_on_write(l.data_block, new, off, piece, zeroed)?;
             } else if let Some(l) = old {
-                // Copy-on-write into a zeroed block: the old block's bytes around the write,
-                // then the write. The device copies only what is not zero (a sparse file
-                // skips its holes): a mostly empty block costs what its data costs.
+                // Copy-on-write into a zeroed block by reference (a reflink): the old block's
+                // bytes around the write, then the write. The device copies only what is not
+                // zero (a sparse file skips its holes).
                 if !zeroed {
                     self.inner.data.punch_hole(pos, bs)?;
                 }
@@ -335,6 +339,35 @@ impl Volume {
         st.map(self.vs.thin, vblock, new)?;
         self.inner.inserts.fetch_add(1, Ordering::SeqCst);
         self.inner.stats.provisioned(old.is_some());
+        Ok(())
+    }
+
+    /// Copy-on-write of block `from` into the new block `to` (`zeroed`: known to read zeros)
+    /// with `piece` written at `off`, where the device copies bytes: the old block is read,
+    /// the piece laid over it, and the block written whole in one call, which needs no
+    /// zeroing first. Where it holds 4 KiB pieces of zeros, only the others are written, into
+    /// a zeroed block, so that a mostly empty block stays mostly unallocated in a sparse file.
+    fn copy_on_write(
+        &self,
+        from: u64,
+        to: u64,
+        off: usize,
+        piece: &[u8],
+        zeroed: bool,
+    ) -> Result<()> {
+        let bs = self.inner.block_size;
+        let mut block = vec![0u8; bs as usize];
+        self.inner.data.read_at(&mut block, from * bs)?;
+        block[off..off + piece.len()].copy_from_slice(piece);
+        let dense = block.chunks(4096).all(|c| c.iter().any(|&b| b != 0));
+        if dense {
+            self.inner.data.write_at(&block, to * bs)?;
+        } else {
+            if !zeroed {
+                self.inner.data.punch_hole(to * bs, bs)?;
+            }
+            thinpool_io::write_nonzero(&*self.inner.data, &block, to * bs)?;
+        }
         Ok(())
     }
 

@@ -17,6 +17,21 @@ pub struct FileDevice {
     /// A regular file's size as last seen or set here. Writes inside it are not checked
     /// against the file system again: asking (`fstat`) costs as much as a small write.
     known_size: AtomicU64,
+    /// A regular file on a file system whose `copy_file_range` is a reflink.
+    reflinks: bool,
+}
+
+/// Whether `file` is a regular file on a file system that can share extents between ranges
+/// of a file (`copy_file_range` makes a reflink there): XFS (when made with reflinks, the
+/// default of mkfs.xfs since 5.1; without, the copy is in the kernel, as elsewhere), btrfs,
+/// bcachefs.
+fn reflinks(file: &File, is_block: bool) -> bool {
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683e;
+    const BCACHEFS: i64 = 0xca45_1a4e;
+    !is_block
+        && rustix::fs::fstatfs(file)
+            .is_ok_and(|s| matches!(s.f_type as i64, XFS | BTRFS | BCACHEFS))
 }
 
 impl FileDevice {
@@ -45,11 +60,13 @@ impl FileDevice {
             .metadata()
             .map(|m| m.file_type().is_block_device())
             .unwrap_or(false);
+        let reflinks = reflinks(&file, is_block);
         Ok(Self {
             file,
             name,
             is_block,
             known_size: AtomicU64::new(0),
+            reflinks,
         })
     }
 
@@ -77,11 +94,13 @@ impl FileDevice {
                 cause: source,
             })?;
         file.set_len(size).map_err(|e| io("resize", e))?;
+        let reflinks = reflinks(&file, false);
         Ok(Self {
             file,
             name,
             is_block: false,
             known_size: AtomicU64::new(size),
+            reflinks,
         })
     }
 
@@ -232,6 +251,10 @@ impl BlockDevice for FileDevice {
             pos = hole;
         }
         Ok(())
+    }
+
+    fn copies_by_reference(&self) -> bool {
+        self.reflinks
     }
 
     fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {

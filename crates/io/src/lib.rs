@@ -131,6 +131,12 @@ pub trait BlockDevice: Send + Sync {
     fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> Result<()> {
         copy_nonzero(self, src, dst, len)
     }
+    /// Whether [`copy_into_zeroed`](Self::copy_into_zeroed) shares the source's storage
+    /// instead of copying bytes (a reflink: XFS, btrfs). Where it does not, reading a block and
+    /// writing it back whole is cheaper than an in-kernel copy of its parts.
+    fn copies_by_reference(&self) -> bool {
+        false
+    }
     /// Call `f(offset, len)`, ascending, for ranges that read zeros because nothing is stored
     /// there (a sparse file's holes). The default knows of none, which is always correct.
     fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
@@ -201,6 +207,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> Result<()> {
         (**self).copy_into_zeroed(src, dst, len)
+    }
+    fn copies_by_reference(&self) -> bool {
+        (**self).copies_by_reference()
     }
     fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
         (**self).holes(f)

@@ -124,10 +124,11 @@ fn a_given_data_file_is_not_assumed_blank() {
     pool.close().unwrap();
 }
 
-/// Counts punches on a data file.
+/// Counts punches on a data file; says it copies by reference (a reflink) if told to.
 struct CountingPunches {
     dev: thinpool_io::FileDevice,
     punches: std::sync::atomic::AtomicU64,
+    by_reference: bool,
 }
 
 impl thinpool_io::BlockDevice for CountingPunches {
@@ -157,8 +158,39 @@ impl thinpool_io::BlockDevice for CountingPunches {
     fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> thinpool_io::Result<()> {
         self.dev.copy_into_zeroed(src, dst, len)
     }
+    fn copies_by_reference(&self) -> bool {
+        self.by_reference
+    }
     fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> thinpool_io::Result<()> {
         self.dev.holes(f)
+    }
+}
+
+/// Copy-on-write both ways: a block read and written whole (file systems that copy bytes),
+/// and copied in parts around the write by `copy_file_range` (those that share extents: the
+/// device here only says so, the copy is the same call), over blocks that hold old bytes.
+#[test]
+fn copy_on_write_by_bytes_and_by_reference_reads_right() {
+    use std::sync::Arc;
+    for by_reference in [false, true] {
+        let what = format!("copies by reference: {by_reference}");
+        let dir = tempfile::tempdir().unwrap();
+        let data = Arc::new(CountingPunches {
+            dev: thinpool_io::FileDevice::create(&dir.path().join("data"), BLOCKS * BS).unwrap(),
+            punches: 0.into(),
+            by_reference,
+        });
+        let meta: Arc<dyn thinpool_io::BlockDevice> =
+            Arc::new(thinpool_io::FileDevice::create(&dir.path().join("meta"), 4 << 20).unwrap());
+        let root = dir.path().join("root");
+        let pool = Pool::create_on(&root, data, meta, BS, opts(false)).unwrap();
+        pool.create_volume("v", BLOCKS * BS).unwrap();
+        let v = pool.open_volume("v").unwrap();
+        dirty_every_block(&pool, &v);
+        drop(v);
+        provision_and_check(&pool, &what);
+        provision_and_check(&pool, &format!("{what}, second round"));
+        pool.close().unwrap();
     }
 }
 
@@ -174,6 +206,7 @@ fn free_blocks_in_the_data_files_holes_are_not_punched() {
     let data = Arc::new(CountingPunches {
         dev: thinpool_io::FileDevice::create(&data_path, BLOCKS * BS).unwrap(),
         punches: 0.into(),
+        by_reference: false,
     });
     let meta: Arc<dyn thinpool_io::BlockDevice> =
         Arc::new(thinpool_io::FileDevice::create(&meta_path, 4 << 20).unwrap());
