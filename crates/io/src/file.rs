@@ -29,9 +29,10 @@ fn reflinks(file: &File, is_block: bool) -> bool {
     const XFS: i64 = 0x5846_5342;
     const BTRFS: i64 = 0x9123_683e;
     const BCACHEFS: i64 = 0xca45_1a4e;
-    !is_block
-        && rustix::fs::fstatfs(file)
-            .is_ok_and(|s| matches!(s.f_type as i64, XFS | BTRFS | BCACHEFS))
+    // `f_type` is i64 here and narrower on some architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let on = |s: rustix::fs::StatFs| matches!(s.f_type as i64, XFS | BTRFS | BCACHEFS);
+    !is_block && rustix::fs::fstatfs(file).is_ok_and(on)
 }
 
 impl FileDevice {
