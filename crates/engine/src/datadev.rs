@@ -299,7 +299,7 @@ impl BlockDevice for DataDev {
         }
     }
 
-    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> thinpool_io::Result<()> {
+    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> thinpool_io::Result<()> {
         match &*self.mode() {
             Mode::Single(d) => d.holes(f),
             // The two devices' holes differ: none known.

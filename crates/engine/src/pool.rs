@@ -27,6 +27,10 @@ use crate::{Error, Result};
 
 const SECTOR: u64 = 512;
 
+/// How long opening a pool may spend asking the data file where its holes are (see
+/// `ZeroMap::from_holes`): about 100 000 pieces of file.
+const HOLE_SCAN_BUDGET: Duration = Duration::from_millis(200);
+
 /// The pool's mode (format spec section 16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum PoolMode {
@@ -806,6 +810,7 @@ impl Pool {
             let map = ZeroMap::from_holes(
                 md.nr_data_blocks(),
                 block_size,
+                t + HOLE_SCAN_BUDGET,
                 |f| failed = devs.data.holes(f).err(),
                 |b| md.data_block_count(b) == 0,
             );

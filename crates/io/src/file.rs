@@ -258,7 +258,7 @@ impl BlockDevice for FileDevice {
         self.reflinks
     }
 
-    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> Result<()> {
         if self.is_block {
             return Ok(());
         }
@@ -267,8 +267,8 @@ impl BlockDevice for FileDevice {
         while pos < size {
             match self.next_data(pos, size)? {
                 Some((data, end)) => {
-                    if data > pos {
-                        f(pos, data - pos);
+                    if data > pos && !f(pos, data - pos) {
+                        return Ok(());
                     }
                     pos = end;
                 }

@@ -138,8 +138,9 @@ pub trait BlockDevice: Send + Sync {
         false
     }
     /// Call `f(offset, len)`, ascending, for ranges that read zeros because nothing is stored
-    /// there (a sparse file's holes). The default knows of none, which is always correct.
-    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    /// there (a sparse file's holes), until it returns false. The default knows of none, which
+    /// is always correct.
+    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> Result<()> {
         let _ = f;
         Ok(())
     }
@@ -211,7 +212,7 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn copies_by_reference(&self) -> bool {
         (**self).copies_by_reference()
     }
-    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> Result<()> {
         (**self).holes(f)
     }
 }

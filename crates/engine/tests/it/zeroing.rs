@@ -161,7 +161,7 @@ impl thinpool_io::BlockDevice for CountingPunches {
     fn copies_by_reference(&self) -> bool {
         self.by_reference
     }
-    fn holes(&self, f: &mut dyn FnMut(u64, u64)) -> thinpool_io::Result<()> {
+    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> thinpool_io::Result<()> {
         self.dev.holes(f)
     }
 }
