@@ -120,3 +120,64 @@ pub fn assert_kind<T: std::fmt::Debug>(r: thinpool_engine::Result<T>, kind: Erro
         Err(e) => assert_eq!(e.kind(), kind, "{ctx}: wrong error kind for: {e}"),
     }
 }
+
+/// A device with test hooks around another: counts punches, sleeps after each sync (which
+/// then covers only what was written before it began), and may say it copies by reference.
+pub struct Hooked {
+    pub dev: Arc<dyn BlockDevice>,
+    pub punches: std::sync::atomic::AtomicU64,
+    pub sync_delay: std::time::Duration,
+    pub by_reference: bool,
+}
+
+impl Hooked {
+    pub fn new(dev: Arc<dyn BlockDevice>) -> Self {
+        Hooked {
+            dev,
+            punches: 0.into(),
+            sync_delay: std::time::Duration::ZERO,
+            by_reference: false,
+        }
+    }
+
+    pub fn punches(&self) -> u64 {
+        self.punches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl BlockDevice for Hooked {
+    fn name(&self) -> &str {
+        self.dev.name()
+    }
+    fn size(&self) -> thinpool_io::Result<u64> {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn sync(&self) -> thinpool_io::Result<()> {
+        self.dev.sync()?;
+        std::thread::sleep(self.sync_delay);
+        Ok(())
+    }
+    fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
+        self.dev.set_size(size)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
+        self.punches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.dev.punch_hole(offset, len)
+    }
+    fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> thinpool_io::Result<()> {
+        self.dev.copy_into_zeroed(src, dst, len)
+    }
+    fn copies_by_reference(&self) -> bool {
+        self.by_reference
+    }
+    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> thinpool_io::Result<()> {
+        self.dev.holes(f)
+    }
+}

@@ -9,8 +9,9 @@
 //!   block per writer (allocated, its data not yet written) is;
 //! - the pool closes and reopens with every write, and both checkers find it clean.
 //!
-//! The data device here syncs what was written before the sync starts and then takes a while
-//! (as a real sync of many dirty pages does), so writes made during it are not covered.
+//! The data device here ([`Hooked`]) syncs what was written before the sync starts and then
+//! takes a while (as a real sync of many dirty pages does), so writes made during it are not
+//! covered.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,38 +27,6 @@ use crate::common::*;
 const BLOCKS: u64 = 1024;
 const WRITERS: u64 = 2;
 const WRITE: usize = 4096;
-
-/// A data device whose sync covers what was written before it, then takes `delay`.
-struct SlowSync {
-    dev: Arc<FaultyDevice>,
-    delay: Duration,
-}
-
-impl BlockDevice for SlowSync {
-    fn name(&self) -> &str {
-        "slow-sync data device"
-    }
-    fn size(&self) -> thinpool_io::Result<u64> {
-        self.dev.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
-        self.dev.write_at(buf, offset)
-    }
-    fn sync(&self) -> thinpool_io::Result<()> {
-        self.dev.sync()?;
-        std::thread::sleep(self.delay);
-        Ok(())
-    }
-    fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
-        self.dev.set_size(size)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
-        self.dev.punch_hole(offset, len)
-    }
-}
 
 /// Where writer `t`'s `i`-th write goes: its own virtual block, at an offset inside it that
 /// varies.
@@ -138,9 +107,9 @@ fn writes_during_a_slow_commit_wait_for_the_next_one_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let data = Arc::new(FaultyDevice::new(BLOCKS * BS));
     let meta = Arc::new(FaultyDevice::new(4 << 20));
-    let slow: Arc<dyn BlockDevice> = Arc::new(SlowSync {
-        dev: data.clone(),
-        delay: Duration::from_millis(15),
+    let slow: Arc<dyn BlockDevice> = Arc::new(Hooked {
+        sync_delay: Duration::from_millis(15),
+        ..Hooked::new(data.clone())
     });
     let opts = PoolOptions {
         commit_interval: None,

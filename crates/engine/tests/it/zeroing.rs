@@ -82,19 +82,24 @@ fn provision_and_check(pool: &Pool, what: &str) {
     pool.commit().unwrap();
 }
 
+/// Volume `v` over the whole pool, every block dirtied and freed, then two rounds of
+/// [`provision_and_check`] (the second on blocks the first freed).
+fn dirty_then_provision_twice(pool: &Pool, what: &str) {
+    pool.create_volume("v", BLOCKS * BS).unwrap();
+    let v = pool.open_volume("v").unwrap();
+    dirty_every_block(pool, &v);
+    drop(v);
+    provision_and_check(pool, what);
+    provision_and_check(pool, &format!("{what}, second round"));
+}
+
 #[test]
 fn reused_blocks_read_zeros_around_partial_writes() {
     for passdown in [false, true] {
         let what = format!("discard_passdown {passdown}");
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::create(dir.path(), &small_config(BLOCKS, 4), opts(passdown)).unwrap();
-        pool.create_volume("v", BLOCKS * BS).unwrap();
-        let v = pool.open_volume("v").unwrap();
-        dirty_every_block(&pool, &v);
-        drop(v);
-        provision_and_check(&pool, &what);
-        // Again on blocks freed by the first round, then after a reopen.
-        provision_and_check(&pool, &format!("{what}, second round"));
+        dirty_then_provision_twice(&pool, &what);
         pool.close().unwrap();
         let pool = Pool::open(dir.path(), opts(passdown)).unwrap();
         provision_and_check(&pool, &format!("{what}, reopened"));
@@ -124,48 +129,6 @@ fn a_given_data_file_is_not_assumed_blank() {
     pool.close().unwrap();
 }
 
-/// Counts punches on a data file; says it copies by reference (a reflink) if told to.
-struct CountingPunches {
-    dev: thinpool_io::FileDevice,
-    punches: std::sync::atomic::AtomicU64,
-    by_reference: bool,
-}
-
-impl thinpool_io::BlockDevice for CountingPunches {
-    fn name(&self) -> &str {
-        self.dev.name()
-    }
-    fn size(&self) -> thinpool_io::Result<u64> {
-        self.dev.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> thinpool_io::Result<()> {
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> thinpool_io::Result<()> {
-        self.dev.write_at(buf, offset)
-    }
-    fn sync(&self) -> thinpool_io::Result<()> {
-        self.dev.sync()
-    }
-    fn set_size(&self, size: u64) -> thinpool_io::Result<()> {
-        self.dev.set_size(size)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> thinpool_io::Result<()> {
-        self.punches
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.dev.punch_hole(offset, len)
-    }
-    fn copy_into_zeroed(&self, src: u64, dst: u64, len: u64) -> thinpool_io::Result<()> {
-        self.dev.copy_into_zeroed(src, dst, len)
-    }
-    fn copies_by_reference(&self) -> bool {
-        self.by_reference
-    }
-    fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> thinpool_io::Result<()> {
-        self.dev.holes(f)
-    }
-}
-
 /// Copy-on-write both ways: a block read and written whole (file systems that copy bytes),
 /// and copied in parts around the write by `copy_file_range` (those that share extents: the
 /// device here only says so, the copy is the same call), over blocks that hold old bytes.
@@ -175,21 +138,16 @@ fn copy_on_write_by_bytes_and_by_reference_reads_right() {
     for by_reference in [false, true] {
         let what = format!("copies by reference: {by_reference}");
         let dir = tempfile::tempdir().unwrap();
-        let data = Arc::new(CountingPunches {
-            dev: thinpool_io::FileDevice::create(&dir.path().join("data"), BLOCKS * BS).unwrap(),
-            punches: 0.into(),
+        let file = thinpool_io::FileDevice::create(&dir.path().join("data"), BLOCKS * BS).unwrap();
+        let data = Arc::new(Hooked {
             by_reference,
+            ..Hooked::new(Arc::new(file))
         });
         let meta: Arc<dyn thinpool_io::BlockDevice> =
             Arc::new(thinpool_io::FileDevice::create(&dir.path().join("meta"), 4 << 20).unwrap());
         let root = dir.path().join("root");
         let pool = Pool::create_on(&root, data, meta, BS, opts(false)).unwrap();
-        pool.create_volume("v", BLOCKS * BS).unwrap();
-        let v = pool.open_volume("v").unwrap();
-        dirty_every_block(&pool, &v);
-        drop(v);
-        provision_and_check(&pool, &what);
-        provision_and_check(&pool, &format!("{what}, second round"));
+        dirty_then_provision_twice(&pool, &what);
         pool.close().unwrap();
     }
 }
@@ -200,14 +158,10 @@ fn copy_on_write_by_bytes_and_by_reference_reads_right() {
 #[test]
 fn free_blocks_in_the_data_files_holes_are_not_punched() {
     use std::sync::Arc;
-    use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let (data_path, meta_path) = (dir.path().join("data"), dir.path().join("meta"));
-    let data = Arc::new(CountingPunches {
-        dev: thinpool_io::FileDevice::create(&data_path, BLOCKS * BS).unwrap(),
-        punches: 0.into(),
-        by_reference: false,
-    });
+    let file = thinpool_io::FileDevice::create(&data_path, BLOCKS * BS).unwrap();
+    let data = Arc::new(Hooked::new(Arc::new(file)));
     let meta: Arc<dyn thinpool_io::BlockDevice> =
         Arc::new(thinpool_io::FileDevice::create(&meta_path, 4 << 20).unwrap());
     let root = dir.path().join("root");
@@ -227,7 +181,7 @@ fn free_blocks_in_the_data_files_holes_are_not_punched() {
     for b in 0..8 {
         want.push(partial(&v, b));
     }
-    assert_eq!(data.punches.load(Ordering::SeqCst), 0, "holes punched");
+    assert_eq!(data.punches(), 0, "holes punched");
     // Eight blocks that hold data and are then freed without passdown: not holes.
     for b in 8..16 {
         v.write_at(&pattern(100 + b, b * BS, BS as usize), b * BS)
@@ -247,7 +201,7 @@ fn free_blocks_in_the_data_files_holes_are_not_punched() {
         expect(&v, b as u64, w, "after reopening");
     }
     assert_eq!(
-        data.punches.load(Ordering::SeqCst),
+        data.punches(),
         8,
         "exactly the free blocks holding data were punched before reuse"
     );
