@@ -28,8 +28,10 @@ use crate::{Error, Result};
 const SECTOR: u64 = 512;
 
 /// How long opening a pool may spend asking the data file where its holes are (see
-/// `ZeroMap::from_holes`): about 100 000 pieces of file.
-const HOLE_SCAN_BUDGET: Duration = Duration::from_millis(200);
+/// `ZeroMap::from_holes`): about 10 000 pieces of file (a data file after 130 000 random
+/// 4 KiB writes took the 200 ms tried first; a fresh or sequentially written one takes
+/// microseconds).
+const HOLE_SCAN_BUDGET: Duration = Duration::from_millis(20);
 
 /// The pool's mode (format spec section 16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -804,6 +806,9 @@ impl Pool {
         let interval = opts.commit_interval;
         let zeroed = if devs.fresh_data {
             ZeroMap::all_zero(md.nr_data_blocks())
+        } else if opts.read_only {
+            // Nothing is provisioned.
+            ZeroMap::unknown()
         } else {
             let t = Instant::now();
             let mut failed = None;
