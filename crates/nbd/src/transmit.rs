@@ -88,6 +88,12 @@ const FAST_SERVICE: Duration = Duration::from_micros(50);
 /// them costs more than the wait.
 const COMBINE_MAX: usize = (64 << 10) + 64;
 
+/// Bytes of replies queued per connection at most; a reply that does not fit waits for the
+/// lock. A queued reply's request has given its room back (see the module docs), so without
+/// this a client that does not read its replies would pile them up here: with it, the workers
+/// block on the lock holding their room, as before queuing.
+const QUEUE_MAX: usize = 256 << 10;
+
 /// Bytes in flight under a bound: taken before a request's data is read or made, given back
 /// (by dropping the [`Room`]) once its reply is written.
 pub(crate) struct Budget {
@@ -542,17 +548,22 @@ impl Conn {
                 Ok(w) => w,
                 Err(TryLockError::WouldBlock) => {
                     let mut q = self.queued.lock().map_err(|_| poisoned())?;
-                    for b in bufs.iter() {
-                        q.extend_from_slice(b);
+                    if q.len() + len > QUEUE_MAX {
+                        drop(q);
+                        self.writer.lock().map_err(|_| poisoned())?
+                    } else {
+                        for b in bufs.iter() {
+                            q.extend_from_slice(b);
+                        }
+                        drop(q);
+                        // The holder sends the queue before it lets go, and looks again
+                        // after: either it sees this reply, or the lock is free by now.
+                        return match self.writer.try_lock() {
+                            Ok(w) => self.send_queued(w),
+                            Err(TryLockError::WouldBlock) => Ok(()),
+                            Err(TryLockError::Poisoned(_)) => Err(poisoned()),
+                        };
                     }
-                    drop(q);
-                    // The holder sends the queue before it lets go, and looks again after:
-                    // either it sees this reply, or the lock is free by now.
-                    return match self.writer.try_lock() {
-                        Ok(w) => self.send_queued(w),
-                        Err(TryLockError::WouldBlock) => Ok(()),
-                        Err(TryLockError::Poisoned(_)) => Err(poisoned()),
-                    };
                 }
                 Err(TryLockError::Poisoned(_)) => return Err(poisoned()),
             }
