@@ -291,6 +291,13 @@ impl BlockDevice for DataDev {
         }
     }
 
+    fn all_data(&self, offset: u64, len: u64) -> thinpool_io::Result<bool> {
+        match &*self.mode() {
+            Mode::Single(d) => d.all_data(offset, len),
+            Mode::Mirror(m) => m.old.all_data(offset, len),
+        }
+    }
+
     fn copies_by_reference(&self) -> bool {
         match &*self.mode() {
             Mode::Single(d) => d.copies_by_reference(),

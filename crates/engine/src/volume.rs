@@ -293,12 +293,14 @@ impl Volume {
                 self.inner.data.write_at(piece, pos)?;
             } else if let Some(l) = old
                 && !self.inner.data.copies_by_reference()
+                && self.inner.data.all_data(l.data_block * bs, bs)?
             {
                 self.copy_on_write(l.data_block, new, off, piece, zeroed)?;
             } else if let Some(l) = old {
-                // Copy-on-write into a zeroed block by reference (a reflink): the old block's
-                // bytes around the write, then the write. The device copies only what is not
-                // zero (a sparse file skips its holes).
+                // Copy-on-write into a zeroed block, by reference where the device can (a
+                // reflink), else of a block with holes: the old block's bytes around the
+                // write, then the write. The device copies only what is not zero (a sparse
+                // file skips its holes): a mostly empty block costs what its data costs.
                 if !zeroed {
                     self.inner.data.punch_hole(pos, bs)?;
                 }
@@ -342,11 +344,13 @@ impl Volume {
         Ok(())
     }
 
-    /// Copy-on-write of block `from` into the new block `to` (`zeroed`: known to read zeros)
-    /// with `piece` written at `off`, where the device copies bytes: the old block is read,
-    /// the piece laid over it, and the block written whole in one call, which needs no
-    /// zeroing first. Where it holds 4 KiB pieces of zeros, only the others are written, into
-    /// a zeroed block, so that a mostly empty block stays mostly unallocated in a sparse file.
+    /// Copy-on-write of block `from`, stored throughout, into the new block `to` (`zeroed`:
+    /// known to read zeros) with `piece` written at `off`, where the device copies bytes: the
+    /// old block is read, the piece laid over it, and the block written whole in one call,
+    /// which needs no zeroing first. Where it holds 4 KiB pieces of zeros, only the others are
+    /// written, into a zeroed block, so that they stay unallocated in a sparse file. (A block
+    /// with holes is copied in parts instead: reading its holes would fill the page cache with
+    /// zeros, a third slower in the engine bench's sparse copy-on-write.)
     fn copy_on_write(
         &self,
         from: u64,
@@ -359,7 +363,7 @@ impl Volume {
         let mut block = vec![0u8; bs as usize];
         self.inner.data.read_at(&mut block, from * bs)?;
         block[off..off + piece.len()].copy_from_slice(piece);
-        let dense = block.chunks(4096).all(|c| c.iter().any(|&b| b != 0));
+        let dense = !block.chunks(4096).any(thinpool_io::is_zero);
         if dense {
             self.inner.data.write_at(&block, to * bs)?;
         } else {

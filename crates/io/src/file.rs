@@ -258,6 +258,14 @@ impl BlockDevice for FileDevice {
         self.reflinks
     }
 
+    fn all_data(&self, offset: u64, len: u64) -> Result<bool> {
+        if self.is_block || len == 0 {
+            return Ok(true);
+        }
+        let end = offset + len;
+        Ok(matches!(self.next_data(offset, end)?, Some((d, h)) if d == offset && h >= end))
+    }
+
     fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> Result<()> {
         if self.is_block {
             return Ok(());
@@ -381,6 +389,21 @@ mod tests {
             Ok(h) => h == offset,
             Err(_) => false,
         }
+    }
+
+    #[test]
+    fn all_data_says_whether_a_range_has_holes() {
+        let path = std::env::temp_dir().join(format!("thinpool-io-dense-{}", std::process::id()));
+        let dev = FileDevice::create(&path, 1 << 20).unwrap();
+        dev.write_at(&[7u8; 65536], 65536).unwrap();
+        assert!(dev.all_data(65536, 65536).unwrap());
+        assert!(dev.all_data(65536 + 4096, 8192).unwrap());
+        if in_hole(&dev, 0) {
+            assert!(!dev.all_data(0, 65536).unwrap());
+            assert!(!dev.all_data(65536, 65536 + 4096).unwrap());
+            assert!(!dev.all_data(4096, 65536).unwrap());
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

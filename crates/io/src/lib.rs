@@ -137,6 +137,12 @@ pub trait BlockDevice: Send + Sync {
     fn copies_by_reference(&self) -> bool {
         false
     }
+    /// Whether `offset..offset+len` is stored throughout (no hole in a sparse file). The
+    /// default, for devices without holes, says yes.
+    fn all_data(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(true)
+    }
     /// Call `f(offset, len)`, ascending, for ranges that read zeros because nothing is stored
     /// there (a sparse file's holes), until it returns false. The default knows of none, which
     /// is always correct.
@@ -161,12 +167,19 @@ pub fn copy_nonzero<D: BlockDevice + ?Sized>(dev: &D, src: u64, dst: u64, len: u
     Ok(())
 }
 
+/// Whether `bytes` are all zero (a `memcmp` against zeros, 4 KiB at a time: several times
+/// faster than a byte loop).
+pub fn is_zero(bytes: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    bytes.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 /// Write `chunk` at `offset` where the range already reads zeros: only the runs of 4 KiB
 /// pieces that are not all zeros are written.
 pub fn write_nonzero<D: BlockDevice + ?Sized>(dev: &D, chunk: &[u8], offset: u64) -> Result<()> {
     const PIECE: usize = 4096;
     let n = chunk.len();
-    let nonzero = |at: usize| chunk[at..(at + PIECE).min(n)].iter().any(|&b| b != 0);
+    let nonzero = |at: usize| !is_zero(&chunk[at..(at + PIECE).min(n)]);
     let mut i = 0;
     while i < n {
         if !nonzero(i) {
@@ -212,6 +225,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn copies_by_reference(&self) -> bool {
         (**self).copies_by_reference()
     }
+    fn all_data(&self, offset: u64, len: u64) -> Result<bool> {
+        (**self).all_data(offset, len)
+    }
     fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> Result<()> {
         (**self).holes(f)
     }
@@ -234,5 +250,22 @@ pub(crate) fn check_range(
             len,
             size,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_finds_any_nonzero_byte() {
+        assert!(is_zero(&[]));
+        let mut b = vec![0u8; 10_000];
+        assert!(is_zero(&b));
+        for at in [0, 4095, 4096, 9_999] {
+            b[at] = 1;
+            assert!(!is_zero(&b), "byte {at}");
+            b[at] = 0;
+        }
     }
 }

@@ -177,6 +177,9 @@ impl BlockDevice for Hooked {
     fn copies_by_reference(&self) -> bool {
         self.by_reference
     }
+    fn all_data(&self, offset: u64, len: u64) -> thinpool_io::Result<bool> {
+        self.dev.all_data(offset, len)
+    }
     fn holes(&self, f: &mut dyn FnMut(u64, u64) -> bool) -> thinpool_io::Result<()> {
         self.dev.holes(f)
     }
